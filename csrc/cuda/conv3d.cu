@@ -1,0 +1,305 @@
+// conv3d on CUDA: register-tiled forward (z columns x output-channel chunks), act backward, weight grad.
+#include <algorithm>
+
+#include "rln_fast/kernels_cuda.h"
+
+namespace rln_fast {
+namespace cuda {
+namespace {
+
+constexpr int kBX = 32, kBY = 8, kThreads = kBX * kBY;  // one block: 32 x 8 columns of voxels
+constexpr int kTX = kBX + 2, kTY = kBY + 2;              // its input tile with a one-voxel halo
+
+// Loads channel `src` of the input around the block's (z0, y0, x0) corner into tile[TZ][kTY][kTX],
+// zero outside the volume (the conv's "same" padding).
+template <typename T, int TZ>
+__device__ __forceinline__ void load_tile(const Conv3dParams& p, const T* __restrict__ src,
+                                          int64_t z0, int64_t y0, int64_t x0, T* tile, int tid) {
+  for (int i = tid; i < TZ * kTY * kTX; i += kThreads) {
+    const int lx = i % kTX, ly = (i / kTX) % kTY, lz = i / (kTX * kTY);
+    const int64_t gx = x0 + lx - 1, gy = y0 + ly - 1, gz = z0 + lz - 1;
+    const bool inside = gx >= 0 && gx < p.W && gy >= 0 && gy < p.H && gz >= 0 && gz < p.D;
+    tile[i] = inside ? src[(gz * p.H + gy) * p.W + gx] : T(0);
+  }
+}
+
+// Each thread computes ZT voxels along z at one (y, x) for COT output channels, so every input
+// value read from shared memory feeds up to 3 * COT FMAs and every weight ZT FMAs.
+template <typename T, int COT, int ZT>
+__global__ void __launch_bounds__(kThreads, 2)
+    conv3d_forward_kernel(const Conv3dParams p, const Conv3dPtrs<T> q, int64_t n_chunks,
+                          int64_t n_ztiles) {
+  constexpr int TZ = ZT + 2;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* w_s = reinterpret_cast<T*>(smem_raw);   // [Cin][27][COT]
+  T* in_s = w_s + p.Cin * kConvTaps * COT;   // [TZ][kTY][kTX]
+  const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * kBX + tx;
+  int64_t bz = blockIdx.z;
+  const int64_t zt = bz % n_ztiles;
+  bz /= n_ztiles;
+  const int64_t co0 = (bz % n_chunks) * COT, n = bz / n_chunks;
+  const int64_t x0 = int64_t(blockIdx.x) * kBX, y0 = int64_t(blockIdx.y) * kBY, z0 = zt * ZT;
+
+  for (int64_t i = tid; i < p.Cin * kConvTaps * COT; i += kThreads) {
+    const int64_t c = i % COT, tap = (i / COT) % kConvTaps, ci = i / (kConvTaps * COT);
+    w_s[i] = co0 + c < p.Cout ? q.w[((co0 + c) * p.Cin + ci) * kConvTaps + tap] : T(0);
+  }
+  T acc[ZT][COT];
+#pragma unroll
+  for (int c = 0; c < COT; ++c) {
+    const T b = (p.has_bias && co0 + c < p.Cout) ? q.b[co0 + c] : T(0);
+#pragma unroll
+    for (int zo = 0; zo < ZT; ++zo) acc[zo][c] = b;
+  }
+
+  const int64_t S = p.D * p.H * p.W;
+  int t = 0;
+  int64_t c_local = 0;
+  for (int64_t ci = 0; ci < p.Cin; ++ci) {
+    const T* src = q.in[t] + (n * p.in_channels[t] + c_local) * S;
+    if (++c_local == p.in_channels[t]) c_local = 0, ++t;
+    __syncthreads();  // the previous channel's tile is no longer read
+    load_tile<T, TZ>(p, src, z0, y0, x0, in_s, tid);
+    __syncthreads();
+    const T* wc = w_s + ci * kConvTaps * COT;
+#pragma unroll
+    for (int ky = 0; ky < 3; ++ky) {
+#pragma unroll
+      for (int kx = 0; kx < 3; ++kx) {
+        T col[TZ];
+#pragma unroll
+        for (int zz = 0; zz < TZ; ++zz) col[zz] = in_s[(zz * kTY + ty + ky) * kTX + tx + kx];
+#pragma unroll
+        for (int kz = 0; kz < 3; ++kz) {
+          T wv[COT];
+#pragma unroll
+          for (int c = 0; c < COT; ++c) wv[c] = wc[(kz * 9 + ky * 3 + kx) * COT + c];
+#pragma unroll
+          for (int zo = 0; zo < ZT; ++zo)
+#pragma unroll
+            for (int c = 0; c < COT; ++c) acc[zo][c] += col[zo + kz] * wv[c];
+        }
+      }
+    }
+  }
+
+  const int64_t x = x0 + tx, y = y0 + ty;
+  if (x >= p.W || y >= p.H) return;
+#pragma unroll
+  for (int zo = 0; zo < ZT; ++zo) {
+    const int64_t z = z0 + zo;
+    if (z >= p.D) break;
+    const int64_t v = (z * p.H + y) * p.W + x;
+    const T sk = p.has_skip ? softplus(q.skip[n * S + v]) : T(0);
+#pragma unroll
+    for (int c = 0; c < COT; ++c) {
+      if (co0 + c >= p.Cout) break;
+      const int64_t o = (n * p.Cout + co0 + c) * S + v;
+      if (q.preact) q.preact[o] = acc[zo][c];
+      q.out[o] = apply_act(p.act, acc[zo][c]) + sk;
+    }
+  }
+}
+
+template <typename T, int COT, int ZT>
+cudaError_t launch_forward_tiled(const Conv3dParams& p, const Conv3dPtrs<T>& q, cudaStream_t s) {
+  const int64_t n_chunks = (p.Cout + COT - 1) / COT, n_ztiles = (p.D + ZT - 1) / ZT;
+  const int64_t gz = p.N * n_chunks * n_ztiles, gy = (p.H + kBY - 1) / kBY;
+  if (gz > 65535 || gy > 65535) return cudaErrorInvalidConfiguration;
+  const size_t smem = sizeof(T) * (p.Cin * kConvTaps * COT + (ZT + 2) * kTY * kTX);
+  auto kernel = conv3d_forward_kernel<T, COT, ZT>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  const dim3 grid(static_cast<unsigned>((p.W + kBX - 1) / kBX), static_cast<unsigned>(gy),
+                  static_cast<unsigned>(gz));
+  kernel<<<grid, dim3(kBX, kBY), smem, s>>>(p, q, n_chunks, n_ztiles);
+  return cudaGetLastError();
+}
+
+template <typename T>
+__global__ void conv3d_act_backward_kernel(const Conv3dParams p, const T* __restrict__ dy,
+                                           const T* __restrict__ preact, const T* __restrict__ skip,
+                                           T* __restrict__ dz, T* __restrict__ dskip) {
+  const int64_t S = p.D * p.H * p.W;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < p.N * S;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t n = i / S, v = i % S;
+    T sum = T(0);
+    for (int64_t co = 0; co < p.Cout; ++co) {
+      const int64_t o = (n * p.Cout + co) * S + v;
+      dz[o] = p.act == kActSoftplus ? dy[o] * sigmoid(preact[o]) : dy[o];
+      sum += dy[o];
+    }
+    if (dskip) dskip[i] = sigmoid(skip[i]) * sum;
+  }
+}
+
+// Weight gradient: a block owns one input channel and kWgCo output channels, walks a strided
+// share of the volume's tiles accumulating 27 taps per channel in registers, reduces across the
+// block once, and writes one partial per block; a second kernel sums partials in fixed order, so
+// the result is deterministic.
+constexpr int kWgCo = 2, kWgZ = 8;
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  return v;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    conv3d_wgrad_kernel(const Conv3dParams p, const Conv3dPtrs<T> q, const T* __restrict__ dz,
+                        T* __restrict__ partial) {
+  constexpr int TZ = kWgZ + 2, NACC = kWgCo * kConvTaps;
+  __shared__ T in_s[TZ * kTY * kTX];
+  __shared__ T red[kThreads / 32][NACC];
+  const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * kBX + tx;
+  const int64_t ci = blockIdx.y, co0 = int64_t(blockIdx.z) * kWgCo;
+  int t = 0;
+  int64_t c_local = ci;
+  while (c_local >= p.in_channels[t]) c_local -= p.in_channels[t++];
+  const int64_t S = p.D * p.H * p.W;
+  const int64_t nx = (p.W + kBX - 1) / kBX, ny = (p.H + kBY - 1) / kBY, nz = (p.D + kWgZ - 1) / kWgZ;
+  const int64_t tiles = p.N * nz * ny * nx;
+
+  T acc[kWgCo][kConvTaps];
+#pragma unroll
+  for (int c = 0; c < kWgCo; ++c)
+#pragma unroll
+    for (int k = 0; k < kConvTaps; ++k) acc[c][k] = T(0);
+
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int64_t xt = tile % nx, yt = (tile / nx) % ny, zt = (tile / (nx * ny)) % nz;
+    const int64_t n = tile / (nx * ny * nz);
+    const int64_t x0 = xt * kBX, y0 = yt * kBY, z0 = zt * kWgZ;
+    const T* src = q.in[t] + (n * p.in_channels[t] + c_local) * S;
+    __syncthreads();
+    load_tile<T, TZ>(p, src, z0, y0, x0, in_s, tid);
+    __syncthreads();
+    const int64_t x = x0 + tx, y = y0 + ty;
+    const bool xy_in = x < p.W && y < p.H;
+    T d[kWgCo][kWgZ];
+#pragma unroll
+    for (int c = 0; c < kWgCo; ++c)
+#pragma unroll
+      for (int zo = 0; zo < kWgZ; ++zo) {
+        const bool in = xy_in && z0 + zo < p.D && co0 + c < p.Cout;
+        d[c][zo] = in ? dz[(n * p.Cout + co0 + c) * S + ((z0 + zo) * p.H + y) * p.W + x] : T(0);
+      }
+#pragma unroll
+    for (int ky = 0; ky < 3; ++ky)
+#pragma unroll
+      for (int kx = 0; kx < 3; ++kx) {
+        T col[TZ];
+#pragma unroll
+        for (int zz = 0; zz < TZ; ++zz) col[zz] = in_s[(zz * kTY + ty + ky) * kTX + tx + kx];
+#pragma unroll
+        for (int kz = 0; kz < 3; ++kz)
+#pragma unroll
+          for (int c = 0; c < kWgCo; ++c)
+#pragma unroll
+            for (int zo = 0; zo < kWgZ; ++zo) acc[c][kz * 9 + ky * 3 + kx] += d[c][zo] * col[zo + kz];
+      }
+  }
+
+  const int warp = tid / 32, lane = tid % 32;
+#pragma unroll
+  for (int c = 0; c < kWgCo; ++c)
+#pragma unroll
+    for (int k = 0; k < kConvTaps; ++k) {
+      const T v = warp_sum(acc[c][k]);
+      if (lane == 0) red[warp][c * kConvTaps + k] = v;
+    }
+  __syncthreads();
+  const int64_t total = p.Cout * p.Cin * kConvTaps;
+  for (int i = tid; i < NACC; i += kThreads) {
+    const int c = i / kConvTaps, k = i % kConvTaps;
+    if (co0 + c >= p.Cout) continue;
+    T s = T(0);
+    for (int w = 0; w < kThreads / 32; ++w) s += red[w][i];
+    partial[blockIdx.x * total + ((co0 + c) * p.Cin + ci) * kConvTaps + k] = s;
+  }
+}
+
+template <typename T>
+__global__ void sum_partials_kernel(const T* __restrict__ partial, int64_t parts, int64_t total,
+                                    T* __restrict__ out) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    double s = 0.0;
+    for (int64_t k = 0; k < parts; ++k) s += static_cast<double>(partial[k * total + i]);
+    out[i] = static_cast<T>(s);
+  }
+}
+
+// Blocks along the volume per (ci, co pair): about 8 resident blocks per SM in all.
+int64_t wgrad_parts(const Conv3dParams& p) {
+  int device = 0, sms = 132;
+  if (cudaGetDevice(&device) == cudaSuccess)
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  const int64_t pairs = p.Cin * ((p.Cout + kWgCo - 1) / kWgCo);
+  const int64_t tiles = p.N * ((p.D + kWgZ - 1) / kWgZ) * ((p.H + kBY - 1) / kBY) *
+                        ((p.W + kBX - 1) / kBX);
+  return std::max<int64_t>(1, std::min<int64_t>(tiles, (int64_t(sms) * 8 + pairs - 1) / pairs));
+}
+
+int grid_for(int64_t n, int threads) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((n + threads - 1) / threads, 65536)));
+}
+
+}  // namespace
+
+template <typename T>
+cudaError_t launch_conv3d_forward(const Conv3dParams& p, const Conv3dPtrs<T>& q, cudaStream_t s) {
+  if (p.N * p.Cout * p.D * p.H * p.W == 0) return cudaSuccess;
+  if (p.Cout <= 4) return launch_forward_tiled<T, 4, 16>(p, q, s);
+  return launch_forward_tiled<T, 8, 8>(p, q, s);
+}
+
+template <typename T>
+cudaError_t launch_conv3d_act_backward(const Conv3dParams& p, const T* dy, const T* preact,
+                                       const T* skip, T* dz, T* dskip, cudaStream_t s) {
+  const int64_t n = p.N * p.D * p.H * p.W;
+  if (n == 0 || p.Cout == 0) return cudaSuccess;
+  conv3d_act_backward_kernel<T><<<grid_for(n, 256), 256, 0, s>>>(p, dy, preact, skip, dz, dskip);
+  return cudaGetLastError();
+}
+
+template <typename T>
+size_t conv3d_wgrad_workspace(const Conv3dParams& p) {
+  return static_cast<size_t>(wgrad_parts(p) * p.Cout * p.Cin * kConvTaps);
+}
+
+template <typename T>
+cudaError_t launch_conv3d_wgrad(const Conv3dParams& p, const Conv3dPtrs<T>& q, const T* dz, T* dw,
+                                T* workspace, cudaStream_t s) {
+  const int64_t total = p.Cout * p.Cin * kConvTaps;
+  if (total == 0) return cudaSuccess;
+  if (p.N * p.D * p.H * p.W == 0) return cudaMemsetAsync(dw, 0, sizeof(T) * total, s);
+  const int64_t parts = wgrad_parts(p), co_pairs = (p.Cout + kWgCo - 1) / kWgCo;
+  if (p.Cin > 65535 || co_pairs > 65535) return cudaErrorInvalidConfiguration;
+  const dim3 grid(static_cast<unsigned>(parts), static_cast<unsigned>(p.Cin),
+                  static_cast<unsigned>(co_pairs));
+  conv3d_wgrad_kernel<T><<<grid, dim3(kBX, kBY), 0, s>>>(p, q, dz, workspace);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  sum_partials_kernel<T><<<grid_for(total, 256), 256, 0, s>>>(workspace, parts, total, dw);
+  return cudaGetLastError();
+}
+
+#define RLN_FAST_INSTANTIATE(T)                                                                  \
+  template cudaError_t launch_conv3d_forward<T>(const Conv3dParams&, const Conv3dPtrs<T>&,      \
+                                                cudaStream_t);                                  \
+  template cudaError_t launch_conv3d_act_backward<T>(const Conv3dParams&, const T*, const T*,   \
+                                                     const T*, T*, T*, cudaStream_t);           \
+  template size_t conv3d_wgrad_workspace<T>(const Conv3dParams&);                                \
+  template cudaError_t launch_conv3d_wgrad<T>(const Conv3dParams&, const Conv3dPtrs<T>&,        \
+                                              const T*, T*, T*, cudaStream_t);
+RLN_FAST_INSTANTIATE(float)
+RLN_FAST_INSTANTIATE(double)
+#undef RLN_FAST_INSTANTIATE
+
+}  // namespace cuda
+}  // namespace rln_fast

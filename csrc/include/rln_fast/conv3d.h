@@ -1,0 +1,89 @@
+// conv3d: parameters and per-voxel math of the fused 3x3x3 conv (multi-input, bias, softplus, skip).
+#pragma once
+
+#include "rln_fast/common.h"
+
+namespace rln_fast {
+
+constexpr int kMaxConvInputs = 4;  // RLN concatenates at most 3 tensors
+constexpr int kConvK = 3;          // kernel side
+constexpr int kConvTaps = 27;      // kConvK^3
+
+// Geometry of one conv3d call. Inputs are several NCDHW tensors read as one channel-concatenated
+// tensor, so RLN's torch.cat never happens.
+struct Conv3dParams {
+  int64_t N = 0, Cin = 0, Cout = 0, D = 0, H = 0, W = 0;
+  int n_inputs = 0;
+  int64_t in_channels[kMaxConvInputs] = {0, 0, 0, 0};  // channels of each input; they sum to Cin
+  int act = kActNone;
+  bool has_bias = false;
+  bool has_skip = false;
+};
+
+template <typename T>
+struct Conv3dPtrs {
+  const T* in[kMaxConvInputs] = {nullptr, nullptr, nullptr, nullptr};  // each [N, Ci, D, H, W]
+  const T* w = nullptr;       // [Cout, Cin, 3, 3, 3]
+  const T* b = nullptr;       // [Cout] or null
+  const T* skip = nullptr;    // [N, 1, D, H, W] or null
+  T* out = nullptr;           // [N, Cout, D, H, W]
+  T* preact = nullptr;        // [N, Cout, D, H, W] conv + bias before act, or null (not saved)
+};
+
+// Value of concatenated input channel ci at (n, z, y, x), zero outside the volume.
+template <typename T>
+RLN_HD T conv3d_input_at(const Conv3dParams& p, const Conv3dPtrs<T>& q, int64_t n, int64_t ci,
+                         int64_t z, int64_t y, int64_t x) {
+  if (z < 0 || z >= p.D || y < 0 || y >= p.H || x < 0 || x >= p.W) return T(0);
+  int t = 0;
+  while (ci >= p.in_channels[t]) ci -= p.in_channels[t++];
+  return q.in[t][(((n * p.in_channels[t] + ci) * p.D + z) * p.H + y) * p.W + x];
+}
+
+// conv + bias at one output voxel (before the activation).
+template <typename T>
+RLN_HD T conv3d_preact_at(const Conv3dParams& p, const Conv3dPtrs<T>& q, int64_t n, int64_t co,
+                          int64_t z, int64_t y, int64_t x) {
+  T acc = p.has_bias ? q.b[co] : T(0);
+  for (int64_t ci = 0; ci < p.Cin; ++ci) {
+    const T* w = q.w + (co * p.Cin + ci) * kConvTaps;
+    for (int kz = 0; kz < kConvK; ++kz)
+      for (int ky = 0; ky < kConvK; ++ky)
+        for (int kx = 0; kx < kConvK; ++kx)
+          acc += w[(kz * kConvK + ky) * kConvK + kx] *
+                 conv3d_input_at(p, q, n, ci, z + kz - 1, y + ky - 1, x + kx - 1);
+  }
+  return acc;
+}
+
+// The full output: act(conv + bias) + softplus(skip).
+template <typename T>
+RLN_HD T conv3d_out_from_preact(const Conv3dParams& p, const Conv3dPtrs<T>& q, T pre, int64_t n,
+                                int64_t z, int64_t y, int64_t x) {
+  T v = apply_act(p.act, pre);
+  if (p.has_skip) v += softplus(q.skip[((n * p.D + z) * p.H + y) * p.W + x]);
+  return v;
+}
+
+template <typename T>
+RLN_HD T conv3d_out_at(const Conv3dParams& p, const Conv3dPtrs<T>& q, int64_t n, int64_t co,
+                       int64_t z, int64_t y, int64_t x) {
+  return conv3d_out_from_preact(p, q, conv3d_preact_at(p, q, n, co, z, y, x), n, z, y, x);
+}
+
+// Weight gradient at one tap: sum over n and voxels of dz[n, co] * x[n, ci] shifted by the tap.
+template <typename T>
+RLN_HD T conv3d_wgrad_at(const Conv3dParams& p, const Conv3dPtrs<T>& q, const T* dz, int64_t co,
+                         int64_t ci, int tap) {
+  const int kz = tap / 9, ky = (tap / 3) % 3, kx = tap % 3;
+  T acc = T(0);
+  for (int64_t n = 0; n < p.N; ++n)
+    for (int64_t z = 0; z < p.D; ++z)
+      for (int64_t y = 0; y < p.H; ++y)
+        for (int64_t x = 0; x < p.W; ++x)
+          acc += dz[(((n * p.Cout + co) * p.D + z) * p.H + y) * p.W + x] *
+                 conv3d_input_at(p, q, n, ci, z + kz - 1, y + ky - 1, x + kx - 1);
+  return acc;
+}
+
+}  // namespace rln_fast

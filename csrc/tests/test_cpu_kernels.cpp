@@ -1,0 +1,173 @@
+// C++ unit tests of the torch-free CPU kernels against the per-voxel functions they share with CUDA.
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "rln_fast/kernels_cpu.h"
+
+using namespace rln_fast;
+
+namespace {
+int g_passed = 0, g_failed = 0;
+
+void check(bool ok, const std::string& what) {
+  if (ok) {
+    ++g_passed;
+  } else {
+    ++g_failed;
+    std::printf("FAILED: %s\n", what.c_str());
+  }
+}
+
+template <typename T>
+std::vector<T> random_vec(int64_t n, std::mt19937& rng, T lo = T(-2), T hi = T(2)) {
+  std::uniform_real_distribution<double> u(lo, hi);
+  std::vector<T> v(n);
+  for (auto& x : v) x = static_cast<T>(u(rng));
+  return v;
+}
+
+template <typename T>
+double max_rel_err(const std::vector<T>& a, const std::vector<T>& b) {
+  double num = 0, den = 1e-30;
+  for (size_t i = 0; i < a.size(); ++i) {
+    num = std::max(num, std::fabs(double(a[i]) - double(b[i])));
+    den = std::max(den, std::fabs(double(b[i])));
+  }
+  return num / den;
+}
+
+struct Shape {
+  int64_t N, D, H, W;
+  std::vector<int64_t> cins;
+  int64_t Cout;
+  int act;
+  bool bias, skip;
+};
+
+template <typename T>
+void test_conv(const Shape& s, double tol, std::mt19937& rng) {
+  Conv3dParams p;
+  p.N = s.N, p.D = s.D, p.H = s.H, p.W = s.W, p.Cout = s.Cout, p.act = s.act;
+  p.n_inputs = static_cast<int>(s.cins.size());
+  p.has_bias = s.bias, p.has_skip = s.skip;
+  const int64_t S = s.D * s.H * s.W;
+  std::vector<std::vector<T>> ins;
+  for (size_t t = 0; t < s.cins.size(); ++t) {
+    p.in_channels[t] = s.cins[t];
+    p.Cin += s.cins[t];
+    ins.push_back(random_vec<T>(s.N * s.cins[t] * S, rng));
+  }
+  auto w = random_vec<T>(s.Cout * p.Cin * 27, rng);
+  auto b = random_vec<T>(s.Cout, rng);
+  auto sk = random_vec<T>(s.N * S, rng, T(-30), T(30));
+  std::vector<T> out(s.N * s.Cout * S), pre(out.size()), ref(out.size());
+  Conv3dPtrs<T> q;
+  for (size_t t = 0; t < ins.size(); ++t) q.in[t] = ins[t].data();
+  q.w = w.data(), q.b = s.bias ? b.data() : nullptr, q.skip = s.skip ? sk.data() : nullptr;
+  q.out = out.data(), q.preact = pre.data();
+  cpu::conv3d_forward(p, q);
+  for (int64_t n = 0; n < s.N; ++n)
+    for (int64_t co = 0; co < s.Cout; ++co)
+      for (int64_t z = 0; z < s.D; ++z)
+        for (int64_t y = 0; y < s.H; ++y)
+          for (int64_t x = 0; x < s.W; ++x)
+            ref[(((n * s.Cout + co) * s.D + z) * s.H + y) * s.W + x] =
+                conv3d_out_at(p, q, n, co, z, y, x);
+  const std::string tag = std::string(sizeof(T) == 4 ? "float" : "double") + " N" +
+                          std::to_string(s.N) + " " + std::to_string(s.D) + "x" +
+                          std::to_string(s.H) + "x" + std::to_string(s.W) + " Cin" +
+                          std::to_string(p.Cin) + " Cout" + std::to_string(s.Cout);
+  check(max_rel_err(out, ref) < tol, "conv3d_forward " + tag);
+
+  // Weight gradient and act backward against the per-voxel definitions.
+  auto dy = random_vec<T>(out.size(), rng);
+  std::vector<T> dz(out.size()), dskip(s.N * S), dw(w.size()), dw_ref(w.size());
+  cpu::conv3d_act_backward(p, dy.data(), pre.data(), q.skip, dz.data(),
+                           s.skip ? dskip.data() : nullptr);
+  double err = 0;
+  for (int64_t n = 0; n < s.N; ++n)
+    for (int64_t i = 0; i < S; ++i) {
+      T sum = 0;
+      for (int64_t co = 0; co < s.Cout; ++co) {
+        const int64_t o = (n * s.Cout + co) * S + i;
+        err = std::max(err, std::fabs(double(dz[o] - dy[o] * act_grad(p.act, pre[o]))));
+        sum += dy[o];
+      }
+      if (s.skip) err = std::max(err, std::fabs(double(dskip[n * S + i] - sigmoid(sk[n * S + i]) * sum)));
+    }
+  check(err < tol * 10, "conv3d_act_backward " + tag);
+  cpu::conv3d_wgrad(p, q, dz.data(), dw.data());
+  for (int64_t co = 0; co < s.Cout; ++co)
+    for (int64_t ci = 0; ci < p.Cin; ++ci)
+      for (int t = 0; t < 27; ++t)
+        dw_ref[(co * p.Cin + ci) * 27 + t] = conv3d_wgrad_at(p, q, dz.data(), co, ci, t);
+  check(max_rel_err(dw, dw_ref) < tol * 10, "conv3d_wgrad " + tag);
+}
+
+template <typename T>
+void test_rl_ops(double tol, std::mt19937& rng) {
+  const int64_t N = 2, C = 3, S = 37;
+  auto x = random_vec<T>(N * S, rng, T(0.1), T(2));
+  auto fp = random_vec<T>(N * C * S, rng, T(0.1), T(2));
+  auto dy = random_vec<T>(N * S, rng);
+  std::vector<T> out(N * S), dx(N * S), dfp(N * C * S);
+  for (bool paper : {false, true}) {
+    RlDivideParams p;
+    p.N = N, p.C = C, p.S = S, p.eps = 1e-4, p.scale = 1.7, p.shift = -0.3, p.paper = paper;
+    cpu::rl_divide_forward(p, x.data(), fp.data(), out.data());
+    cpu::rl_divide_backward(p, dy.data(), x.data(), fp.data(), dx.data(), dfp.data());
+    double err = 0;
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t s = 0; s < S; ++s) {
+        double d = 1e-4;
+        for (int64_t c = 0; c < C; ++c) d += double(fp[(n * C + c) * S + s]) / C;
+        const double xv = x[n * S + s], g = dy[n * S + s], m = xv / d;
+        err = std::max(err, std::fabs(out[n * S + s] - (1.7 * m - 0.3)));
+        err = std::max(err, std::fabs(dx[n * S + s] - (paper ? 1.7 * g : 1.7 * g / d)));
+        const double gd = -(paper ? m * m : m / d) * 1.7 * g / C;
+        for (int64_t c = 0; c < C; ++c) err = std::max(err, std::fabs(dfp[(n * C + c) * S + s] - gd));
+      }
+    check(err < tol, std::string("rl_divide ") + (paper ? "paper" : "exact"));
+
+    RlMultiplyParams m;
+    m.N = N, m.C = C, m.S = S, m.offset = 1.0, m.paper = paper;
+    cpu::rl_multiply_forward(m, x.data(), fp.data(), out.data());
+    cpu::rl_multiply_backward(m, dy.data(), x.data(), fp.data(), dx.data(), dfp.data());
+    err = 0;
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t s = 0; s < S; ++s) {
+        double g = 1.0;
+        for (int64_t c = 0; c < C; ++c) g += double(fp[(n * C + c) * S + s]) / C;
+        const double e = x[n * S + s], d = dy[n * S + s];
+        err = std::max(err, std::fabs(out[n * S + s] - e * g));
+        err = std::max(err, std::fabs(dx[n * S + s] - (paper ? d : d * g)));
+        for (int64_t c = 0; c < C; ++c) err = std::max(err, std::fabs(dfp[(n * C + c) * S + s] - d * e / C));
+      }
+    check(err < tol, std::string("rl_multiply ") + (paper ? "paper" : "exact"));
+  }
+}
+}  // namespace
+
+int main() {
+  std::mt19937 rng(1234);
+  const std::vector<Shape> shapes = {
+      {1, 5, 6, 7, {1}, 4, kActSoftplus, false, false},
+      {2, 3, 4, 37, {4}, 4, kActSoftplus, true, true},
+      {1, 4, 5, 70, {4, 4}, 4, kActSoftplus, true, true},
+      {1, 2, 3, 2, {8, 8}, 8, kActNone, true, false},
+      {1, 6, 5, 19, {8, 1, 1}, 8, kActSoftplus, false, false},
+      {1, 3, 3, 3, {3}, 10, kActNone, false, true},
+      {2, 1, 1, 1, {2}, 3, kActSoftplus, true, true},
+  };
+  for (const auto& s : shapes) {
+    test_conv<double>(s, 1e-12, rng);
+    test_conv<float>(s, 2e-5, rng);
+  }
+  test_rl_ops<double>(1e-12, rng);
+  test_rl_ops<float>(1e-5, rng);
+  std::printf("%d passed, %d failed\n", g_passed, g_failed);
+  return g_failed == 0 ? 0 : 1;
+}

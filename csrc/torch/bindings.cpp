@@ -1,0 +1,38 @@
+// PYBIND11_MODULE for rln_fast._C: the <op>_forward / <op>_backward entries and build facts.
+#include <torch/extension.h>
+
+#include <string>
+#include <vector>
+
+namespace rln_fast {
+std::vector<at::Tensor> conv3d_forward(const std::vector<at::Tensor>&, const at::Tensor&,
+                                       const c10::optional<at::Tensor>&, int64_t,
+                                       const c10::optional<at::Tensor>&, bool);
+std::vector<at::Tensor> conv3d_backward(const at::Tensor&, const std::vector<at::Tensor>&,
+                                        const at::Tensor&, const c10::optional<at::Tensor>&,
+                                        int64_t, const c10::optional<at::Tensor>&,
+                                        const at::Tensor&, const std::vector<bool>&);
+at::Tensor rl_divide_forward(const at::Tensor&, const at::Tensor&, double, double, double);
+std::vector<at::Tensor> rl_divide_backward(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                           double, double, double, bool, bool, bool);
+at::Tensor rl_multiply_forward(const at::Tensor&, const at::Tensor&, double);
+std::vector<at::Tensor> rl_multiply_backward(const at::Tensor&, const at::Tensor&,
+                                             const at::Tensor&, double, bool, bool, bool);
+}  // namespace rln_fast
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "rln_fast fused kernels (CPU always; CUDA when built with it)";
+  m.def("conv3d_forward", &rln_fast::conv3d_forward);
+  m.def("conv3d_backward", &rln_fast::conv3d_backward);
+  m.def("rl_divide_forward", &rln_fast::rl_divide_forward);
+  m.def("rl_divide_backward", &rln_fast::rl_divide_backward);
+  m.def("rl_multiply_forward", &rln_fast::rl_multiply_forward);
+  m.def("rl_multiply_backward", &rln_fast::rl_multiply_backward);
+#ifdef RLN_FAST_WITH_CUDA
+  m.def("built_with_cuda", [] { return true; });
+  m.def("cuda_arch", [] { return std::string(RLN_FAST_CUDA_ARCH); });
+#else
+  m.def("built_with_cuda", [] { return false; });
+  m.def("cuda_arch", [] { return std::string(); });
+#endif
+}

@@ -1,0 +1,224 @@
+// conv3d torch glue: argument checks, allocation, device guard and stream, CPU/CUDA dispatch.
+#include <torch/extension.h>
+
+#include <vector>
+
+#include "checks.h"
+#include "rln_fast/kernels_cpu.h"
+
+#ifdef RLN_FAST_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "rln_fast/kernels_cuda.h"
+#endif
+
+namespace rln_fast {
+namespace {
+
+struct ConvCall {
+  Conv3dParams p;
+  std::vector<at::Tensor> inputs;  // contiguous
+  at::Tensor w, b, skip;           // contiguous; b, skip undefined when absent
+};
+
+ConvCall check_conv3d_args(const std::vector<at::Tensor>& inputs, const at::Tensor& w,
+                           const c10::optional<at::Tensor>& b, int64_t act,
+                           const c10::optional<at::Tensor>& skip) {
+  constexpr const char* op = "conv3d";
+  TORCH_CHECK(!inputs.empty() && static_cast<int>(inputs.size()) <= kMaxConvInputs, "rln_fast.",
+              op, ": 'inputs' must hold 1 to ", kMaxConvInputs, " tensors, got ", inputs.size());
+  ConvCall c;
+  const at::Tensor& x0 = inputs[0];
+  check_volume(op, "inputs[0]", x0);
+  check_device_supported(op, x0);
+  c.p.n_inputs = static_cast<int>(inputs.size());
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const std::string arg = "inputs[" + std::to_string(i) + "]";
+    check_volume(op, arg.c_str(), inputs[i]);
+    check_same(op, arg.c_str(), inputs[i], x0, "inputs[0]");
+    check_spatial(op, arg.c_str(), inputs[i], x0, "inputs[0]");
+    c.p.in_channels[i] = inputs[i].size(1);
+    c.p.Cin += inputs[i].size(1);
+    c.inputs.push_back(inputs[i].contiguous());
+  }
+  TORCH_CHECK(w.dim() == 5, "rln_fast.", op,
+              ": 'weight' must be 5-D (Cout, Cin, 3, 3, 3), got ", w.dim(), "-D");
+  check_same(op, "weight", w, x0, "inputs[0]");
+  TORCH_CHECK(w.size(2) == 3 && w.size(3) == 3 && w.size(4) == 3, "rln_fast.", op,
+              ": 'weight' must have a 3x3x3 kernel, got ", w.size(2), "x", w.size(3), "x",
+              w.size(4));
+  TORCH_CHECK(w.size(1) == c.p.Cin, "rln_fast.", op, ": 'weight' expects ", w.size(1),
+              " input channels, but the inputs have ", c.p.Cin, " channels in all");
+  TORCH_CHECK(act == kActNone || act == kActSoftplus, "rln_fast.", op,
+              ": 'act' must be 0 (none) or 1 (softplus), got ", act);
+  c.p.N = x0.size(0), c.p.Cout = w.size(0), c.p.D = x0.size(2), c.p.H = x0.size(3),
+  c.p.W = x0.size(4), c.p.act = static_cast<int>(act);
+  c.w = w.contiguous();
+  if (b.has_value() && b->defined()) {
+    check_same(op, "bias", *b, x0, "inputs[0]");
+    TORCH_CHECK(b->dim() == 1 && b->size(0) == c.p.Cout, "rln_fast.", op, ": 'bias' must be (",
+                c.p.Cout, "), got ", shape_str(*b));
+    c.b = b->contiguous();
+    c.p.has_bias = true;
+  }
+  if (skip.has_value() && skip->defined()) {
+    check_volume(op, "skip", *skip);
+    check_same(op, "skip", *skip, x0, "inputs[0]");
+    check_spatial(op, "skip", *skip, x0, "inputs[0]");
+    TORCH_CHECK(skip->size(1) == 1, "rln_fast.", op, ": 'skip' must have 1 channel, got ",
+                skip->size(1));
+    c.skip = skip->contiguous();
+    c.p.has_skip = true;
+  }
+  return c;
+}
+
+template <typename T>
+Conv3dPtrs<T> pointers(const ConvCall& c) {
+  Conv3dPtrs<T> q;
+  for (size_t i = 0; i < c.inputs.size(); ++i) q.in[i] = c.inputs[i].data_ptr<T>();
+  q.w = c.w.data_ptr<T>();
+  q.b = c.b.defined() ? c.b.data_ptr<T>() : nullptr;
+  q.skip = c.skip.defined() ? c.skip.data_ptr<T>() : nullptr;
+  return q;
+}
+
+#ifdef RLN_FAST_WITH_CUDA
+void check_cuda(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "rln_fast.", what, ": CUDA launch failed: ",
+              cudaGetErrorString(err));
+}
+#endif
+
+// Runs the forward conv of `c` into out (and preact if defined), on c's device.
+void run_forward(const ConvCall& c, at::Tensor& out, at::Tensor& preact) {
+  AT_DISPATCH_FLOATING_TYPES(c.w.scalar_type(), "rln_fast.conv3d", [&] {
+    Conv3dPtrs<scalar_t> q = pointers<scalar_t>(c);
+    q.out = out.data_ptr<scalar_t>();
+    q.preact = preact.defined() ? preact.data_ptr<scalar_t>() : nullptr;
+    if (out.is_cuda()) {
+#ifdef RLN_FAST_WITH_CUDA
+      check_cuda(cuda::launch_conv3d_forward(c.p, q, at::cuda::getCurrentCUDAStream()),
+                 "conv3d");
+#endif
+    } else {
+      cpu::conv3d_forward(c.p, q);
+    }
+  });
+}
+
+}  // namespace
+
+// Returns (out, preact); preact is conv + bias before the activation, saved for backward when
+// asked, else an empty tensor.
+std::vector<at::Tensor> conv3d_forward(const std::vector<at::Tensor>& inputs, const at::Tensor& w,
+                                       const c10::optional<at::Tensor>& b, int64_t act,
+                                       const c10::optional<at::Tensor>& skip, bool save_preact) {
+  ConvCall c = check_conv3d_args(inputs, w, b, act, skip);
+#ifdef RLN_FAST_WITH_CUDA
+  const c10::cuda::OptionalCUDAGuard guard(c.w.is_cuda() ? c10::make_optional(c.w.device())
+                                                          : c10::nullopt);
+#endif
+  const auto opts = c.w.options();
+  at::Tensor out = at::empty({c.p.N, c.p.Cout, c.p.D, c.p.H, c.p.W}, opts);
+  at::Tensor preact = save_preact ? at::empty_like(out) : at::Tensor();
+  run_forward(c, out, preact);
+  return {out, save_preact ? preact : at::empty({0}, opts)};
+}
+
+// Gradients of conv3d_forward. need: [each input..., weight, bias, skip]. Returns a flat list in
+// the same order; entries not needed are empty tensors.
+std::vector<at::Tensor> conv3d_backward(const at::Tensor& dy, const std::vector<at::Tensor>& inputs,
+                                        const at::Tensor& w, const c10::optional<at::Tensor>& b,
+                                        int64_t act, const c10::optional<at::Tensor>& skip,
+                                        const at::Tensor& preact, const std::vector<bool>& need) {
+  ConvCall c = check_conv3d_args(inputs, w, b, act, skip);
+  const size_t n_in = inputs.size();
+  TORCH_CHECK(need.size() == n_in + 3, "rln_fast.conv3d_backward: 'need' must have ", n_in + 3,
+              " entries, got ", need.size());
+  check_volume("conv3d_backward", "grad_out", dy);
+  check_same("conv3d_backward", "grad_out", dy, c.w, "weight");
+  TORCH_CHECK(dy.size(0) == c.p.N && dy.size(1) == c.p.Cout && dy.size(2) == c.p.D &&
+                  dy.size(3) == c.p.H && dy.size(4) == c.p.W,
+              "rln_fast.conv3d_backward: 'grad_out' must be (", c.p.N, ", ", c.p.Cout, ", ",
+              c.p.D, ", ", c.p.H, ", ", c.p.W, "), got ", shape_str(dy));
+  if (act == kActSoftplus)
+    TORCH_CHECK(preact.sizes() == dy.sizes(),
+                "rln_fast.conv3d_backward: the softplus gradient needs the saved pre-activation; "
+                "call conv3d with save_preact=True when gradients are required");
+#ifdef RLN_FAST_WITH_CUDA
+  const c10::cuda::OptionalCUDAGuard guard(c.w.is_cuda() ? c10::make_optional(c.w.device())
+                                                          : c10::nullopt);
+#endif
+  const auto opts = c.w.options();
+  const at::Tensor g = dy.contiguous();
+  const at::Tensor pre = act == kActSoftplus ? preact.contiguous() : at::Tensor();
+  const bool need_skip = need[n_in + 2] && c.p.has_skip;
+  at::Tensor dz = at::empty_like(g);
+  at::Tensor dskip = need_skip ? at::empty_like(c.skip) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(c.w.scalar_type(), "rln_fast.conv3d_backward", [&] {
+    const scalar_t* pp = pre.defined() ? pre.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* sk = c.skip.defined() ? c.skip.data_ptr<scalar_t>() : nullptr;
+    scalar_t* ds = need_skip ? dskip.data_ptr<scalar_t>() : nullptr;
+    if (g.is_cuda()) {
+#ifdef RLN_FAST_WITH_CUDA
+      check_cuda(cuda::launch_conv3d_act_backward(c.p, g.data_ptr<scalar_t>(), pp, sk,
+                                                  dz.data_ptr<scalar_t>(), ds,
+                                                  at::cuda::getCurrentCUDAStream()),
+                 "conv3d_backward");
+#endif
+    } else {
+      cpu::conv3d_act_backward(c.p, g.data_ptr<scalar_t>(), pp, sk, dz.data_ptr<scalar_t>(), ds);
+    }
+  });
+
+  std::vector<at::Tensor> grads(n_in + 3);
+  bool any_input = false;
+  for (size_t i = 0; i < n_in; ++i) any_input = any_input || need[i];
+  if (any_input) {
+    // The input gradient is the same conv on dz with channel-swapped, flipped weights.
+    ConvCall t;
+    t.p = c.p;
+    t.p.Cin = c.p.Cout, t.p.Cout = c.p.Cin, t.p.n_inputs = 1, t.p.in_channels[0] = c.p.Cout;
+    for (int i = 1; i < kMaxConvInputs; ++i) t.p.in_channels[i] = 0;
+    t.p.act = kActNone, t.p.has_bias = false, t.p.has_skip = false;
+    t.inputs = {dz};
+    t.w = c.w.transpose(0, 1).flip({2, 3, 4}).contiguous();
+    at::Tensor dx = at::empty({c.p.N, c.p.Cin, c.p.D, c.p.H, c.p.W}, opts), none;
+    run_forward(t, dx, none);
+    int64_t off = 0;
+    for (size_t i = 0; i < n_in; ++i) {
+      const int64_t ch = c.p.in_channels[i];
+      // A clone, not a view: outputs of a custom op must not alias each other.
+      if (need[i]) grads[i] = n_in == 1 ? dx : dx.narrow(1, off, ch).clone();
+      off += ch;
+    }
+  }
+  if (need[n_in]) {
+    at::Tensor dw = at::empty_like(c.w);
+    AT_DISPATCH_FLOATING_TYPES(c.w.scalar_type(), "rln_fast.conv3d_wgrad", [&] {
+      const Conv3dPtrs<scalar_t> q = pointers<scalar_t>(c);
+      if (dz.is_cuda()) {
+#ifdef RLN_FAST_WITH_CUDA
+        at::Tensor ws = at::empty({static_cast<int64_t>(cuda::conv3d_wgrad_workspace<scalar_t>(c.p))},
+                                  opts);
+        check_cuda(cuda::launch_conv3d_wgrad(c.p, q, dz.data_ptr<scalar_t>(),
+                                             dw.data_ptr<scalar_t>(), ws.data_ptr<scalar_t>(),
+                                             at::cuda::getCurrentCUDAStream()),
+                   "conv3d_backward");
+#endif
+      } else {
+        cpu::conv3d_wgrad(c.p, q, dz.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>());
+      }
+    });
+    grads[n_in] = dw;
+  }
+  if (need[n_in + 1] && c.p.has_bias) grads[n_in + 1] = dz.sum({0, 2, 3, 4});
+  if (need_skip) grads[n_in + 2] = dskip;
+  for (auto& t : grads)
+    if (!t.defined()) t = at::empty({0}, opts);
+  return grads;
+}
+
+}  // namespace rln_fast

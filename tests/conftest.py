@@ -1,0 +1,23 @@
+"""Shared test fixtures: the device list, the shared/ folder beside the checkout, seeded RNGs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+# Every device the op tests run on; CUDA is listed and skipped where there is no GPU.
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")),
+]
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip("../shared (official checkpoint and test data) is not beside this checkout")
+    return SHARED
