@@ -1,0 +1,181 @@
+"""GPU benchmark report: fused ops and RLN inference vs plain PyTorch (cuDNN) in one run, as JSON.
+
+Run on a CUDA machine: python benchmarks/gpu_report.py --out benchmarks/results/gpu_<date>.json
+Every comparison checks that the results agree before timing; times are medians of CUDA-event
+timed repeats after warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import rln_fast  # noqa: E402
+from rln_fast import ops  # noqa: E402
+
+LAYERS = [((1,), 4, False), ((4,), 4, True), ((4, 4), 4, True), ((1,), 8, False),
+          ((8,), 8, False), ((8, 8), 8, False), ((8, 1, 1), 8, False)]
+
+
+def cuda_time(fn, reps: int = 20, warmup: int = 3) -> float:
+    """Median seconds per call, timed with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return statistics.median(times)
+
+
+def rel_err(a, b) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def plain_layer(xs, w, b, skip):
+    x = torch.cat(xs, 1) if len(xs) > 1 else xs[0]
+    y = F.softplus(F.conv3d(x, w, b, padding=1))
+    return y + F.softplus(skip) if skip is not None else y
+
+
+def bench_layer(chans, cout, has_skip, shape, reps) -> dict:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    xs = [torch.randn(1, c, *shape, device="cuda", generator=g) for c in chans]
+    w = torch.randn(cout, sum(chans), 3, 3, 3, device="cuda", generator=g) * 0.2
+    b = torch.randn(cout, device="cuda", generator=g)
+    skip = torch.randn(1, 1, *shape, device="cuda", generator=g) if has_skip else None
+    with torch.inference_mode():
+        torch.backends.cudnn.allow_tf32 = False
+        err = rel_err(ops.conv3d(xs, w, b, "softplus", skip), plain_layer(xs, w, b, skip))
+        t_ours = cuda_time(lambda: ops.conv3d(xs, w, b, "softplus", skip), reps)
+        t_fp32 = cuda_time(lambda: plain_layer(xs, w, b, skip), reps)
+        torch.backends.cudnn.allow_tf32 = True
+        t_tf32 = cuda_time(lambda: plain_layer(xs, w, b, skip), reps)
+        torch.backends.cudnn.allow_tf32 = False
+    flop = 2 * 27 * sum(chans) * cout * xs[0][0, 0].numel()
+    return {"layer": f"{sum(chans)}->{cout}", "skip": has_skip, "rel_err_vs_cudnn_fp32": err,
+            "ours_ms": t_ours * 1e3, "cudnn_fp32_ms": t_fp32 * 1e3, "cudnn_tf32_ms": t_tf32 * 1e3,
+            "ratio_vs_fp32": t_fp32 / t_ours, "ratio_vs_tf32": t_tf32 / t_ours,
+            "ours_tflops": flop / t_ours / 1e12}
+
+
+def bench_layers(shape, reps):
+    torch.backends.cudnn.benchmark = True
+    rows = []
+    for chans, cout, has_skip in LAYERS:
+        row = bench_layer(chans, cout, has_skip, shape, reps)
+        rows.append(row)
+        print(f"  conv3d {row['layer']:>6}: ours {row['ours_ms']:7.2f} ms  cuDNN fp32 {row['cudnn_fp32_ms']:7.2f} ms "
+              f"({row['ratio_vs_fp32']:.2f}x)  tf32 {row['cudnn_tf32_ms']:7.2f} ms ({row['ratio_vs_tf32']:.2f}x)  "
+              f"{row['ours_tflops']:.1f} TFLOP/s  err {row['rel_err_vs_cudnn_fp32']:.1e}", flush=True)
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _load_rln(checkpoint):
+    from rln_fast.models.rln import RLN
+    if checkpoint and Path(str(checkpoint) + ".index").exists():
+        return RLN.from_official_checkpoint(checkpoint), "official checkpoint"
+    torch.manual_seed(0)
+    return RLN(), "random initialisation (official checkpoint not found)"
+
+
+def bench_rln(shape, reps, checkpoint, compile_baseline):
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from plain_rln import plain_rln_forward
+
+    model, weights = _load_rln(checkpoint)
+    model = model.eval()
+    fused_cpu = model.fuse()
+    out = {"shape": list(shape), "weights": weights}
+    # Same output as the CPU path, on a small volume.
+    g = torch.Generator().manual_seed(1)
+    small = torch.rand(1, 1, 24, 40, 56, generator=g)
+    with torch.inference_mode():
+        ref_cpu = fused_cpu(small)
+        gpu_model = model.to("cuda")
+        fused = gpu_model.fuse()
+        out["small_rel_err_gpu_vs_cpu"] = rel_err(fused(small.cuda()).cpu(), ref_cpu)
+        x = torch.rand(1, 1, *shape, device="cuda", generator=torch.Generator("cuda").manual_seed(2))
+        vox = x.numel()
+        torch.backends.cudnn.allow_tf32 = False
+        y_fused = fused(x)
+        y_plain = plain_rln_forward(gpu_model, x)
+        out["rel_err_fused_vs_plain"] = rel_err(y_fused, y_plain)
+        del y_fused, y_plain
+        torch.cuda.empty_cache()
+
+        def peak(fn):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            fn()
+            torch.cuda.synchronize()
+            return (torch.cuda.max_memory_allocated() - base) / vox
+
+        out["fused_ms"] = cuda_time(lambda: fused(x), reps) * 1e3
+        out["fused_peak_bytes_per_voxel"] = peak(lambda: fused(x))
+        out["plain_eager_ms"] = cuda_time(lambda: plain_rln_forward(gpu_model, x), max(3, reps // 4)) * 1e3
+        out["plain_eager_peak_bytes_per_voxel"] = peak(lambda: plain_rln_forward(gpu_model, x))
+        torch.backends.cudnn.allow_tf32 = True
+        out["plain_eager_tf32_ms"] = cuda_time(lambda: plain_rln_forward(gpu_model, x), max(3, reps // 4)) * 1e3
+        torch.backends.cudnn.allow_tf32 = False
+    if compile_baseline:
+        t0 = time.perf_counter()
+        compiled = torch.compile(lambda t: plain_rln_forward(gpu_model, t))
+        with torch.inference_mode():
+            compiled(x)
+            out["plain_compile_seconds_to_compile"] = time.perf_counter() - t0
+            out["plain_compile_ms"] = cuda_time(lambda: compiled(x), max(3, reps // 4)) * 1e3
+    for k in ("fused", "plain_eager", "plain_eager_tf32", "plain_compile"):
+        if f"{k}_ms" in out:
+            out[f"{k}_gvox_per_s"] = vox / (out[f"{k}_ms"] / 1e3) / 1e9
+    out["ratio_vs_plain_eager"] = out["plain_eager_ms"] / out["fused_ms"]
+    if "plain_compile_ms" in out:
+        out["ratio_vs_plain_compile"] = out["plain_compile_ms"] / out["fused_ms"]
+    print("  RLN " + json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}), flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--shape", type=int, nargs=3, default=(128, 512, 512))
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--checkpoint", default="_local/official_rln/model.ckpt")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["layers", "rln", "compile"])
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("gpu_report.py needs a CUDA GPU")
+    report = {"backend": rln_fast.backend_info(), "gpu": torch.cuda.get_device_name(),
+              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "shape": list(args.shape)}
+    if "layers" not in args.skip:
+        print("conv3d layers (fp32):", flush=True)
+        report["conv3d_layers"] = bench_layers(tuple(args.shape), args.reps)
+    if "rln" not in args.skip:
+        print("RLN inference:", flush=True)
+        report["rln_inference"] = bench_rln(tuple(args.shape), args.reps, args.checkpoint,
+                                            "compile" not in args.skip)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
