@@ -1,0 +1,447 @@
+"""Synthetic RLN training data: the official phantom recipe (DESIGN "Synthetic data"), seeded.
+
+A phantom is drawn in three stages, each a pure function of ``seed``:
+
+1. ``phantom_params(shape, seed)`` draws every shape's position, size and intensity with
+   ``numpy.random.default_rng(seed)`` in a fixed order (the order of ``FAMILIES``; per
+   family: positions, then sizes, then intensities).
+2. ``phantom(shape, seed)`` rasterises them by assignment (later shapes overwrite earlier
+   ones) and adds the background 30: the un-blurred object, values in [30, 880].
+3. ``phantom_pair(psf, shape, seed)`` blurs the object with the 5³ Gaussian (σ = 0.7 voxel,
+   sum 1, zero padding) into the ground truth, and simulates the microscope input:
+   I = 5·GT, B = I ⊛ PSF (circular, by FFT), B1 = Poisson(B),
+   raw = clip(B1 + N(0, 0.5²), 0, max B1), left at the ×5 scale.
+
+Reproducibility: the blur and the FFT convolution run in float64 on ``device`` (so CPU and
+GPU agree to ~1e-12 before the cast to float32); the Poisson and Gaussian draws always come
+from a CPU ``torch.Generator`` seeded with ``seed``, so the same seed gives the same noise
+on every device (a count could only differ where B differs across devices by float64
+rounding at a Poisson sampling boundary, which is vanishingly rare).
+
+Axes are (z, y, x) in voxels. Generalised to shapes other than 128³ the way the recipe
+sits in a 128³ box: sphere/shell centres uniform in [8, side − 11] per axis; dots, lines,
+sheets and boxes are drawn so that they always lie fully inside (start ranges: dots
+[0, side − 4], the long sides of lines and sheets [0, side − 14], boxes [0, side − 9]).
+Every side must be at least 19 voxels. As in the original rasteriser, a shell is tested
+only inside its box centre ± semi-axes, which trims the outer (q ≤ 1.3) surface where it
+pokes past that box along the axes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["FAMILIES", "phantom_params", "phantom", "phantom_pair", "simulate_input", "write_pairs"]
+
+# (family, count) in drawing and rasterising order.
+FAMILIES: tuple[tuple[str, int], ...] = (
+    ("sphere", 100),
+    ("shell", 100),
+    ("dot", 50),
+    ("line_x", 50),
+    ("line_y", 50),
+    ("line_z", 50),
+    ("sheet_xy", 50),
+    ("sheet_xz", 50),
+    ("sheet_yz", 50),
+    ("box", 50),
+)
+
+MIN_SIDE = 19  # sphere/shell centres in [8, side - 11]
+BACKGROUND = 30.0
+INTENSITY_RANGE = (50.0, 850.0)
+RADIUS_RANGE = (4, 7)  # spheres and shell semi-axes, inclusive
+SHELL_RANGE = (0.8, 1.3)  # normalised radius² of the shells, inclusive
+LENGTH_RANGE = (2, 10)  # lines and sheet sides, inclusive
+BOX_RANGE = (2, 6)  # box sides, inclusive
+THICKNESS = 2  # dots, line sections and sheet thickness
+BLUR_SIGMA = 0.7
+BLUR_SIZE = 5
+PHOTON_SCALE = 5.0
+READ_NOISE = 0.5
+
+# Rasteriser kinds.
+_BOX, _SPHERE, _SHELL = 0, 1, 2
+
+_CENTRE_LO = 8
+_CENTRE_HI_MARGIN = 11  # centre <= side - 11
+# Start ranges [0, side - margin]: the 128³ recipe's ranges, all shapes fully inside.
+_DOT_MARGIN = 4
+_LONG_MARGIN = 14
+_BOX_MARGIN = 9
+
+# family -> axes (z=0, y=1, x=2) that are long (2..10); the others are 2 thick.
+_LONG_AXES: dict[str, tuple[int, ...]] = {
+    "dot": (),
+    "line_x": (2,), "line_y": (1,), "line_z": (0,),
+    "sheet_xy": (1, 2), "sheet_xz": (0, 2), "sheet_yz": (0, 1),
+}
+
+
+def _check_shape(shape: Sequence[int]) -> tuple[int, int, int]:
+    try:
+        items = tuple(int(s) for s in shape)
+        ok = len(items) == 3 and all(int(s) == s for s in shape)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"shape must be 3 integers (z, y, x), got {shape!r}")
+    if min(items) < MIN_SIDE:
+        raise ValueError(
+            f"shape must have every side >= {MIN_SIDE} voxels (sphere centres lie in "
+            f"[8, side - 11]), got {items}"
+        )
+    return items  # type: ignore[return-value]
+
+
+def _check_seed(seed: Any) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    return int(seed)
+
+
+def phantom_params(
+    shape: Sequence[int] = (128, 128, 128), seed: int = 0
+) -> dict[str, dict[str, np.ndarray]]:
+    """The drawn parameter table of one phantom, family by family (see ``FAMILIES``).
+
+    Returns ``{family: fields}``; every family has ``intensity`` [n] float64. "sphere":
+    ``centre`` [n, 3], ``radius`` [n]; "shell": ``centre`` [n, 3], ``semi_axes`` [n, 3];
+    the others: ``start`` [n, 3] (lowest corner) and ``size`` [n, 3] (voxels). Integer
+    fields are int64; axes (z, y, x).
+    """
+    side = np.asarray(_check_shape(shape), dtype=np.int64)
+    rng = np.random.default_rng(_check_seed(seed))
+    ilo, ihi = INTENSITY_RANGE
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for family, n in FAMILIES:
+        if family in ("sphere", "shell"):
+            centre = rng.integers(_CENTRE_LO, side - _CENTRE_HI_MARGIN + 1, size=(n, 3))
+            if family == "sphere":
+                size_field = ("radius", rng.integers(RADIUS_RANGE[0], RADIUS_RANGE[1] + 1, size=n))
+            else:
+                size_field = (
+                    "semi_axes", rng.integers(RADIUS_RANGE[0], RADIUS_RANGE[1] + 1, size=(n, 3))
+                )
+            fields = {"centre": centre, size_field[0]: size_field[1]}
+        elif family == "box":
+            start = rng.integers(0, side - _BOX_MARGIN + 1, size=(n, 3))
+            size = rng.integers(BOX_RANGE[0], BOX_RANGE[1] + 1, size=(n, 3))
+            fields = {"start": start, "size": size}
+        else:
+            long_axes = _LONG_AXES[family]
+            hi = np.array(
+                [s - (_LONG_MARGIN if a in long_axes else _DOT_MARGIN) for a, s in enumerate(side)]
+            )
+            start = rng.integers(0, hi + 1, size=(n, 3))
+            size = np.full((n, 3), THICKNESS, dtype=np.int64)
+            if long_axes:
+                size[:, list(long_axes)] = rng.integers(
+                    LENGTH_RANGE[0], LENGTH_RANGE[1] + 1, size=(n, len(long_axes))
+                )
+            fields = {"start": start, "size": size}
+        fields["intensity"] = rng.uniform(ilo, ihi, size=n)
+        out[family] = {k: np.asarray(v, dtype=np.float64 if k == "intensity" else np.int64)
+                       for k, v in fields.items()}
+    return out
+
+
+def _shape_table(params: dict[str, dict[str, np.ndarray]]) -> tuple[np.ndarray, ...]:
+    """Flatten the families, in order, into one table the rasteriser walks.
+
+    Returns kind [n] int64, lo [n, 3], hi [n, 3] (inclusive bounding box), centre [n, 3],
+    semi [n, 3] (int64) and intensity [n] float32.
+    """
+    kinds, los, his, cens, semis, ints = [], [], [], [], [], []
+    for family, _ in FAMILIES:
+        p = params[family]
+        n = p["intensity"].shape[0]
+        if family in ("sphere", "shell"):
+            c = p["centre"]
+            a = np.repeat(p["radius"][:, None], 3, axis=1) if family == "sphere" else p["semi_axes"]
+            kinds.append(np.full(n, _SPHERE if family == "sphere" else _SHELL))
+            los.append(c - a)
+            his.append(c + a)
+            cens.append(c)
+            semis.append(a)
+        else:
+            kinds.append(np.full(n, _BOX))
+            los.append(p["start"])
+            his.append(p["start"] + p["size"] - 1)
+            cens.append(np.zeros((n, 3), np.int64))
+            semis.append(np.ones((n, 3), np.int64))
+        ints.append(p["intensity"])
+    cat = np.concatenate
+    return (
+        cat(kinds).astype(np.int64), cat(los).astype(np.int64), cat(his).astype(np.int64),
+        cat(cens).astype(np.int64), cat(semis).astype(np.int64), cat(ints).astype(np.float32),
+    )
+
+
+_numba_kernel: Any = None
+
+
+def _get_numba_kernel() -> Any:
+    """JIT the rasteriser on first use (numba imported lazily); None when numba is missing."""
+    global _numba_kernel
+    if _numba_kernel is not None:
+        return _numba_kernel
+    try:
+        import numba
+    except ImportError:
+        return None
+
+    shell_lo, shell_hi = SHELL_RANGE
+
+    @numba.njit(parallel=True, cache=True)
+    def raster(vol, kind, lo, hi, cen, semi, inten):  # pragma: no cover - runs compiled
+        # One thread per z plane; every thread walks all shapes in order, so on each voxel
+        # the later shape wins exactly as in a serial loop.
+        nz = vol.shape[0]
+        n = kind.shape[0]
+        for z in numba.prange(nz):
+            for s in range(n):
+                if z < lo[s, 0] or z > hi[s, 0]:
+                    continue
+                k = kind[s]
+                dz = z - cen[s, 0]
+                for y in range(lo[s, 1], hi[s, 1] + 1):
+                    dy = y - cen[s, 1]
+                    for x in range(lo[s, 2], hi[s, 2] + 1):
+                        dx = x - cen[s, 2]
+                        if k == 0:
+                            inside = True
+                        elif k == 1:
+                            inside = dz * dz + dy * dy + dx * dx <= semi[s, 0] * semi[s, 0]
+                        else:
+                            q = ((dz * dz) / (semi[s, 0] * semi[s, 0])
+                                 + (dy * dy) / (semi[s, 1] * semi[s, 1])
+                                 + (dx * dx) / (semi[s, 2] * semi[s, 2]))
+                            inside = q >= shell_lo and q <= shell_hi
+                        if inside:
+                            vol[z, y, x] = inten[s]
+
+    _numba_kernel = raster
+    return raster
+
+
+def _raster_numpy(vol: np.ndarray, kind, lo, hi, cen, semi, inten) -> None:
+    """Pure-numpy twin of the numba rasteriser (same float64 shell test, same order)."""
+    shell_lo, shell_hi = SHELL_RANGE
+    for s in range(kind.shape[0]):
+        sl = tuple(slice(lo[s, a], hi[s, a] + 1) for a in range(3))
+        if kind[s] == _BOX:
+            vol[sl] = inten[s]
+            continue
+        dz, dy, dx = (
+            np.arange(lo[s, a], hi[s, a] + 1, dtype=np.int64) - cen[s, a] for a in range(3)
+        )
+        dz, dy, dx = dz[:, None, None], dy[None, :, None], dx[None, None, :]
+        if kind[s] == _SPHERE:
+            mask = dz * dz + dy * dy + dx * dx <= semi[s, 0] * semi[s, 0]
+        else:
+            q = ((dz * dz) / (semi[s, 0] * semi[s, 0])
+                 + (dy * dy) / (semi[s, 1] * semi[s, 1])
+                 + (dx * dx) / (semi[s, 2] * semi[s, 2]))
+            mask = (q >= shell_lo) & (q <= shell_hi)
+        vol[sl][mask] = inten[s]
+
+
+def _rasterise(shape: tuple[int, int, int], params: dict, backend: str = "auto") -> np.ndarray:
+    table = _shape_table(params)
+    vol = np.zeros(shape, dtype=np.float32)
+    kernel = _get_numba_kernel() if backend in ("auto", "numba") else None
+    if backend == "numba" and kernel is None:
+        raise ImportError("rln_fast.synth: backend='numba' needs numba (pip install numba)")
+    if kernel is not None:
+        kernel(vol, *table)
+    else:
+        _raster_numpy(vol, *table)
+    return vol
+
+
+def phantom(
+    shape: Sequence[int] = (128, 128, 128), seed: int = 0, *, backend: str = "auto"
+) -> np.ndarray:
+    """The un-blurred phantom object with its background: float32 (z, y, x), values in [30, 880].
+
+    backend: "auto" (numba when installed, else numpy), "numba" or "numpy"; all give the
+    same array.
+    """
+    if backend not in ("auto", "numba", "numpy"):
+        raise ValueError(f"backend must be 'auto', 'numba' or 'numpy', got {backend!r}")
+    shape_t = _check_shape(shape)
+    vol = _rasterise(shape_t, phantom_params(shape_t, seed), backend)
+    vol += np.float32(BACKGROUND)
+    return vol
+
+
+def _gaussian_taps(sigma: float = BLUR_SIGMA, size: int = BLUR_SIZE) -> np.ndarray:
+    # The 5³ kernel exp(-r²/2σ²)/sum is separable: each axis gets these normalised taps.
+    r = np.arange(size, dtype=np.float64) - size // 2
+    t = np.exp(-(r * r) / (2.0 * sigma * sigma))
+    return t / t.sum()
+
+
+def _blur(vol: torch.Tensor) -> torch.Tensor:
+    """vol [D, H, W] (float64) convolved with the 5³ Gaussian, zero padding ("same")."""
+    taps = _gaussian_taps()
+    h = len(taps) // 2
+    out = vol
+    for axis in range(3):
+        n = out.shape[axis]
+        pad = [0, 0] * 3
+        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = h  # F.pad lists the last axis first
+        padded = torch.nn.functional.pad(out, pad)
+        acc = torch.zeros_like(out)
+        for k, w in enumerate(taps):
+            acc += float(w) * padded.narrow(axis, k, n)
+        out = acc
+    return out
+
+
+def _align_psf(psf: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """Zero-pad or crop psf to shape, its voxel ``psf.shape // 2`` landing on ``shape // 2``."""
+    out = np.zeros(shape, dtype=np.float64)
+    src, dst = [], []
+    for n_in, n_out in zip(psf.shape, shape, strict=True):
+        off = n_out // 2 - n_in // 2  # where psf index 0 lands in out
+        a0, a1 = max(0, -off), min(n_in, n_out - off)
+        src.append(slice(a0, a1))
+        dst.append(slice(a0 + off, a1 + off))
+    out[tuple(dst)] = psf[tuple(src)]
+    return out
+
+
+def _as_psf(psf: Any) -> np.ndarray:
+    if isinstance(psf, torch.Tensor):
+        psf = psf.detach().cpu().numpy()
+    arr = np.asarray(psf, dtype=np.float64)
+    if arr.ndim != 3 or arr.size == 0:
+        raise ValueError(f"psf must be a 3-D array (z, y, x), got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)) or arr.min() < 0 or arr.sum() <= 0:
+        raise ValueError("psf must be finite, non-negative and not all zero")
+    return arr / arr.sum()
+
+
+def simulate_input(
+    gt: Any,
+    psf: Any,
+    seed: int = 0,
+    *,
+    scale: float = PHOTON_SCALE,
+    read_noise: float = READ_NOISE,
+    device: str | torch.device | None = None,
+) -> np.ndarray:
+    """The recipe's microscope: raw input (float32 numpy, z, y, x) for a ground truth gt.
+
+    B = (scale·gt) ⊛ psf, circular FFT convolution with the PSF normalised to sum 1 and
+    centred (its voxel ``psf.shape // 2`` becomes the origin; zero-padded or cropped to
+    gt's shape); raw = clip(Poisson(B) + N(0, read_noise²), 0, max Poisson(B)), left at
+    the ``scale`` (default ×5) intensity scale. The FFT runs in float64 on ``device``
+    (default CPU); the noise is drawn on the CPU from ``torch.Generator().manual_seed(seed)``
+    so every device gives the same input.
+    """
+    seed = _check_seed(seed)
+    psf_arr = _as_psf(psf)
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if isinstance(gt, torch.Tensor):
+        g = gt.detach().to(device=dev, dtype=torch.float64)
+    else:
+        g = torch.from_numpy(np.asarray(gt, dtype=np.float64)).to(dev)
+    if g.dim() != 3:
+        raise ValueError(f"gt must be a 3-D array (z, y, x), got shape {tuple(g.shape)}")
+    shape_t = tuple(g.shape)
+
+    kernel = np.fft.ifftshift(_align_psf(psf_arr, shape_t))  # centre -> index 0
+    otf = torch.fft.rfftn(torch.from_numpy(kernel).to(dev))
+    b = torch.fft.irfftn(torch.fft.rfftn(g * float(scale)) * otf, s=shape_t)
+    # FFT rounding leaves |B| ~ 1e-13 negatives where B should be 0; Poisson needs B >= 0.
+    b = b.clamp_min(0.0).cpu()
+
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    b1 = torch.poisson(b, generator=gen)
+    noise = torch.randn(shape_t, generator=gen, dtype=torch.float64) * float(read_noise)
+    raw = (b1 + noise).clamp(0.0, float(b1.max()))
+    return raw.numpy().astype(np.float32)
+
+
+def phantom_pair(
+    psf: Any,
+    shape: Sequence[int] = (128, 128, 128),
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    *,
+    scale: float = PHOTON_SCALE,
+    read_noise: float = READ_NOISE,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One training pair (gt, raw), both float32 numpy (z, y, x) of ``shape``.
+
+    gt: ``phantom(shape, seed)`` blurred by the 5³ Gaussian (σ 0.7 voxel, sum 1, zero
+    padding), computed in float64 on ``device``. raw: ``simulate_input(gt, psf, seed)``,
+    at the ×``scale`` intensity scale. psf: numpy/torch array (z, y, x) sampled at the
+    phantom's voxel size. The same seed gives the same pair on every device.
+    """
+    shape_t = _check_shape(shape)
+    seed = _check_seed(seed)
+    psf_arr = _as_psf(psf)
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    gt = _blur(torch.from_numpy(phantom(shape_t, seed)).to(device=dev, dtype=torch.float64))
+    raw = simulate_input(gt, psf_arr, seed, scale=scale, read_noise=read_noise, device=dev)
+    return gt.cpu().numpy().astype(np.float32), raw
+
+
+def _atomic_imwrite(path: Path, arr: np.ndarray) -> None:
+    import tifffile
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tifffile.imwrite(tmp, arr)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_pairs(
+    out_dir: str | os.PathLike,
+    n: int,
+    psf: Any,
+    shape: Sequence[int] = (128, 128, 128),
+    seed: int = 0,
+    *,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> list[tuple[Path, Path]]:
+    """Write n pairs as ``out_dir/gt/NNN.tif`` and ``out_dir/input/NNN.tif`` (float32 TIFF).
+
+    Pair i is ``phantom_pair(psf, shape, seed + i, device)``. Each file is written to a
+    temporary name and renamed, so a killed run never leaves a partial TIFF. Returns the
+    (gt, input) paths.
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValueError(f"n must be a non-negative integer, got {n!r}")
+    seed = _check_seed(seed)
+    out = Path(out_dir)
+    (out / "gt").mkdir(parents=True, exist_ok=True)
+    (out / "input").mkdir(parents=True, exist_ok=True)
+    width = max(3, len(str(max(int(n) - 1, 0))))
+    items: Any = range(int(n))
+    if progress:
+        from tqdm.auto import tqdm
+
+        items = tqdm(items, desc="phantoms", unit="pair")
+    paths = []
+    for i in items:
+        gt, raw = phantom_pair(psf, shape, seed + i, device)
+        name = f"{i:0{width}d}.tif"
+        _atomic_imwrite(out / "gt" / name, gt)
+        _atomic_imwrite(out / "input" / name, raw)
+        paths.append((out / "gt" / name, out / "input" / name))
+    return paths

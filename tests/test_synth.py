@@ -1,0 +1,184 @@
+"""rln_fast.synth: the official phantom recipe (parameter ranges, rasteriser, noise model, I/O)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from rln_fast import synth
+
+SMALL = (40, 36, 32)
+
+
+def _delta(n: int = 5) -> np.ndarray:
+    d = np.zeros((n, n, n), np.float32)
+    d[n // 2, n // 2, n // 2] = 1.0
+    return d
+
+
+def test_params_counts_and_ranges_128():
+    p = synth.phantom_params((128, 128, 128), seed=3)
+    assert [f for f, _ in synth.FAMILIES] == list(p)
+    counts = {f: len(v["intensity"]) for f, v in p.items()}
+    assert counts["sphere"] == 100 and counts["shell"] == 100
+    for f in ("dot", "line_x", "line_y", "line_z", "sheet_xy", "sheet_xz", "sheet_yz", "box"):
+        assert counts[f] == 50
+    for f, v in p.items():
+        assert np.all((v["intensity"] >= 50) & (v["intensity"] <= 850)), f
+    for f in ("sphere", "shell"):
+        c = p[f]["centre"]
+        assert c.min() >= 8 and c.max() <= 117
+    assert set(np.unique(p["sphere"]["radius"])) <= set(range(4, 8))
+    assert p["sphere"]["radius"].min() == 4 and p["sphere"]["radius"].max() == 7
+    assert p["shell"]["semi_axes"].min() == 4 and p["shell"]["semi_axes"].max() == 7
+    assert np.all(p["dot"]["size"] == 2)
+    long_axis = {"line_z": 0, "line_y": 1, "line_x": 2}
+    for f, a in long_axis.items():
+        s = p[f]["size"]
+        assert s[:, a].min() >= 2 and s[:, a].max() <= 10
+        assert np.all(np.delete(s, a, axis=1) == 2), f
+    thin_axis = {"sheet_xy": 0, "sheet_xz": 1, "sheet_yz": 2}
+    for f, a in thin_axis.items():
+        s = p[f]["size"]
+        assert np.all(s[:, a] == 2), f
+        sides = np.delete(s, a, axis=1)
+        assert sides.min() >= 2 and sides.max() <= 10, f
+    b = p["box"]["size"]
+    assert b.min() == 2 and b.max() == 6
+    # Every small shape lies fully inside the volume.
+    for f in ("dot", *long_axis, *thin_axis, "box"):
+        assert p[f]["start"].min() >= 0
+        assert (p[f]["start"] + p[f]["size"]).max() <= 128, f
+
+
+def test_params_ranges_scale_with_shape():
+    shape = (24, 40, 64)
+    p = synth.phantom_params(shape, seed=1)
+    side = np.array(shape)
+    for f in ("sphere", "shell"):
+        c = p[f]["centre"]
+        assert np.all(c >= 8) and np.all(c <= side - 11)
+    for f, v in p.items():
+        if "start" in v:
+            assert np.all(v["start"] >= 0) and np.all(v["start"] + v["size"] <= side), f
+        else:
+            a = v["radius"][:, None] if f == "sphere" else v["semi_axes"]
+            assert np.all(v["centre"] - a >= 0) and np.all(v["centre"] + a < side), f
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="every side >= 19"):
+        synth.phantom((18, 32, 32))
+    with pytest.raises(ValueError, match="3 integers"):
+        synth.phantom((32, 32))
+    with pytest.raises(ValueError, match="non-negative integer"):
+        synth.phantom(SMALL, seed=-1)
+    with pytest.raises(ValueError, match="backend"):
+        synth.phantom(SMALL, backend="cuda")
+
+
+def test_determinism_per_seed():
+    a = synth.phantom(SMALL, seed=7)
+    b = synth.phantom(SMALL, seed=7)
+    c = synth.phantom(SMALL, seed=8)
+    assert a.dtype == np.float32 and a.shape == SMALL
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    g1, r1 = synth.phantom_pair(_delta(), SMALL, seed=7)
+    g2, r2 = synth.phantom_pair(_delta(), SMALL, seed=7)
+    g3, r3 = synth.phantom_pair(_delta(), SMALL, seed=8)
+    np.testing.assert_array_equal(g1, g2)
+    np.testing.assert_array_equal(r1, r2)
+    assert not np.array_equal(g1, g3) and not np.array_equal(r1, r3)
+
+
+def test_rasterised_values_and_backends_agree():
+    pytest.importorskip("numba")
+    for seed in (0, 5):
+        a = synth.phantom(SMALL, seed=seed, backend="numba")
+        b = synth.phantom(SMALL, seed=seed, backend="numpy")
+        np.testing.assert_array_equal(a, b)
+    full = synth.phantom(seed=0)
+    assert full.shape == (128, 128, 128)
+    assert full.min() >= 30.0 and full.max() <= 880.0
+    assert full.min() == 30.0  # background is present
+    assert 0.02 < np.mean(full > 30) < 0.5
+
+
+def test_shapes_overwrite_in_order():
+    # The last box drawn shows its own intensity everywhere inside it.
+    p = synth.phantom_params(SMALL, seed=2)
+    vol = synth.phantom(SMALL, seed=2)
+    start, size = p["box"]["start"][-1], p["box"]["size"][-1]
+    sl = tuple(slice(s, s + n) for s, n in zip(start, size, strict=True))
+    np.testing.assert_array_equal(vol[sl], np.float32(p["box"]["intensity"][-1]) + np.float32(30))
+
+
+def test_gt_is_blurred_object():
+    obj = synth.phantom(SMALL, seed=4)
+    gt, _ = synth.phantom_pair(_delta(), SMALL, seed=4)
+    r = np.arange(5) - 2.0
+    t = np.exp(-(r**2) / (2 * 0.7**2))
+    k = t[:, None, None] * t[None, :, None] * t[None, None, :]
+    k /= k.sum()
+    ref = torch.nn.functional.conv3d(
+        torch.from_numpy(obj.astype(np.float64))[None, None],
+        torch.from_numpy(k)[None, None], padding=2,
+    )[0, 0].numpy()
+    np.testing.assert_allclose(gt, ref, rtol=1e-6, atol=1e-4)
+
+
+def test_psf_convolution_is_circular_and_centred():
+    # A shifted delta PSF shifts the (noise-free, large-count) image by the same offset.
+    gt = np.zeros(SMALL)
+    gt[5, 6, 7] = 1e6
+    psf = np.zeros((5, 5, 5))
+    psf[2, 2, 3] = 1.0  # one voxel +x from the centre
+    raw = synth.simulate_input(gt, psf, seed=0, scale=1.0, read_noise=0.0)
+    assert np.unravel_index(np.argmax(raw), raw.shape) == (5, 6, 8)
+    gt[:] = 0
+    gt[5, 6, SMALL[2] - 1] = 1e6  # wraps around the x edge
+    raw = synth.simulate_input(gt, psf, seed=0, scale=1.0, read_noise=0.0)
+    assert np.unravel_index(np.argmax(raw), raw.shape) == (5, 6, 0)
+
+
+def test_noise_model_statistics():
+    lam = 40.0
+    gt = np.full((64, 64, 64), lam / 5.0)
+    raw = synth.simulate_input(gt, _delta(), seed=11)  # B = 5·gt = lam everywhere
+    mean, var = raw.mean(), raw.var()
+    # Poisson(lam) + N(0, 0.25): mean lam, variance lam + 0.25 (clipping is negligible here).
+    assert abs(mean - lam) < 0.05
+    assert abs(var - (lam + 0.25)) < 0.02 * (lam + 0.25)
+    assert raw.min() >= 0.0
+
+
+def test_noise_clip_bounds():
+    gt = np.full((24, 24, 24), 0.4)  # B = 2: many zeros and a small max
+    raw = synth.simulate_input(gt, _delta(3), seed=1)
+    b1 = synth.simulate_input(gt, _delta(3), seed=1, read_noise=0.0)
+    assert raw.min() == 0.0  # zero counts plus negative noise clip at 0
+    assert raw.max() <= b1.max()  # never above max Poisson(B)
+    assert np.mean(raw == 0.0) > 0.05  # a clip, not a rare event
+    np.testing.assert_array_equal(b1, np.round(b1))  # read_noise 0: pure Poisson counts
+
+
+def test_same_pair_on_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    g1, r1 = synth.phantom_pair(_delta(), SMALL, seed=3)
+    g2, r2 = synth.phantom_pair(_delta(), SMALL, seed=3, device="cuda")
+    np.testing.assert_allclose(g1, g2, rtol=1e-6)
+    assert np.mean(r1 != r2) < 1e-4
+
+
+def test_write_pairs(tmp_path):
+    tifffile = pytest.importorskip("tifffile")
+    paths = synth.write_pairs(tmp_path, 2, _delta(), SMALL, seed=5, progress=False)
+    assert [p[0].name for p in paths] == ["000.tif", "001.tif"]
+    assert sorted(p.name for p in (tmp_path / "gt").iterdir()) == ["000.tif", "001.tif"]
+    assert sorted(p.name for p in (tmp_path / "input").iterdir()) == ["000.tif", "001.tif"]
+    gt, raw = synth.phantom_pair(_delta(), SMALL, seed=6)
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "gt" / "001.tif"), gt)
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "input" / "001.tif"), raw)

@@ -1,0 +1,195 @@
+"""rln_fast.train: recipe parts (lr, SSIM, loss, crops, normalisation) and resumable training."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from rln_fast import synth
+from rln_fast.models.rln import RLN
+from rln_fast.train import (
+    CHECKPOINT_NAME,
+    LOSS_CSV,
+    MODEL_NAME,
+    VAL_CSV,
+    TrainConfig,
+    _augment,
+    _draw_crop,
+    _normalize_torch,
+    global_ssim,
+    learning_rate,
+    normalize_crop,
+    rln_loss,
+    train,
+)
+
+
+def _tiny(**kw) -> TrainConfig:
+    base = dict(
+        phantom_shape=(24, 24, 24), n_volumes=2, n_val=1, crop=(16, 16, 16), batch_size=2,
+        steps=6, checkpoint_every=3, val_every=3, device="cpu",
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _rows(path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_learning_rate_schedule():
+    c = TrainConfig()
+    assert learning_rate(0, c) == 0.025
+    assert learning_rate(500, c) == 0.025
+    assert math.isclose(learning_rate(1000, c), 0.025 * 0.95)
+    assert math.isclose(learning_rate(750, c), 0.025 * 0.95**0.5)
+    assert math.isclose(learning_rate(10_500, c), 0.025 * 0.95**20)
+    c2 = TrainConfig(lr=0.01, lr_hold=0, lr_decay=0.5, lr_decay_steps=10)
+    assert learning_rate(0, c2) == 0.01 and math.isclose(learning_rate(20, c2), 0.0025)
+
+
+def test_global_ssim():
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(2, 1, 8, 8, 8, generator=g)
+    assert float(global_ssim(a, a)) == pytest.approx(1.0, abs=1e-6)
+    b = torch.rand(2, 1, 8, 8, 8, generator=g)
+    ma, mb = a.double().mean(), b.double().mean()
+    va, vb = a.double().var(correction=0), b.double().var(correction=0)
+    cov = ((a.double() - ma) * (b.double() - mb)).mean()
+    ref = (2 * ma * mb + 1e-4) * (2 * cov + 9e-4) / ((ma**2 + mb**2 + 1e-4) * (va + vb + 9e-4))
+    assert float(global_ssim(a, b)) == pytest.approx(float(ref), rel=1e-5)
+
+
+def test_loss_formula():
+    g = torch.Generator().manual_seed(1)
+    x, gt = torch.rand(2, 1, 8, 8, 8, generator=g), torch.rand(2, 1, 8, 8, 8, generator=g)
+    outs = {"E1pre": torch.rand(2, 1, 8, 8, 8, generator=g), "output": gt.clone()}
+    loss, parts = rln_loss(outs, x, gt)
+    e1 = ((outs["E1pre"] - 0.8 * gt - 0.2 * x) ** 2).mean()
+    assert float(parts["mse_out"]) == 0.0 and float(parts["ssim"]) == pytest.approx(1.0)
+    assert float(loss) == pytest.approx(0.1 * float(e1), abs=1e-6)
+
+
+def test_normalize_crop_rules():
+    a = np.linspace(0, 10, 1001, dtype=np.float32)
+    mi, ma = np.percentile(a, (0.01, 99.5))
+    np.testing.assert_allclose(normalize_crop(a), (a - mi) / (ma - mi), rtol=1e-5, atol=1e-6)
+    b = a + 100.0  # ma < 2·mi: divide by ma only
+    np.testing.assert_allclose(normalize_crop(b), b / np.percentile(b, 99.5), rtol=1e-6)
+    z = np.zeros(10, np.float32)
+    np.testing.assert_array_equal(normalize_crop(z), z)
+    assert normalize_crop(a).min() < 0 and normalize_crop(a).max() > 1  # no clipping
+
+
+def test_normalize_torch_matches_numpy():
+    g = np.random.default_rng(0)
+    crops = np.stack([
+        g.gamma(2.0, 50.0, (12, 12, 12)),  # (x - mi)/(ma - mi)
+        100.0 + g.random((12, 12, 12)),  # ma < 2·mi
+        np.zeros((12, 12, 12)),  # ma == 0
+    ]).astype(np.float32)[:, None]
+    got = _normalize_torch(torch.from_numpy(crops), (0.01, 99.5)).numpy()
+    for a, b in zip(got, crops, strict=True):
+        np.testing.assert_allclose(a, normalize_crop(b), rtol=1e-6, atol=1e-6)
+
+
+def test_crop_redraw_bounded():
+    gt = np.zeros((20, 20, 20), np.float32)
+    gt[0, 0, 0] = 1.0
+    rng = np.random.default_rng(0)
+    # No 8³ crop reaches this threshold: redrawn exactly `retries` times, then accepted.
+    start, draws = _draw_crop(gt, (8, 8, 8), rng, threshold=1.0, retries=20)
+    assert draws == 21
+    assert all(0 <= s <= 12 for s in start)
+    start, draws = _draw_crop(gt, (8, 8, 8), rng, threshold=0.0, retries=20)
+    assert draws == 1
+    # A bright corner: crops are redrawn until they cover it.
+    gt[:4, :4, :4] = 10.0
+    for _ in range(10):
+        start, draws = _draw_crop(gt, (16, 16, 16), rng, threshold=0.8 * gt.mean(), retries=1000)
+        assert gt[start[0]:start[0] + 16, start[1]:start[1] + 16, start[2]:start[2] + 16].mean() >= 0.8 * gt.mean()
+
+
+def test_augment_keeps_pairs_aligned():
+    a = np.arange(4 * 5 * 5, dtype=np.float32).reshape(4, 5, 5)
+    rng = np.random.default_rng(3)
+    for _ in range(8):
+        x, y = _augment([a, 2 * a], rng)
+        np.testing.assert_array_equal(y, 2 * x)
+        assert x.shape == a.shape and x.flags.c_contiguous
+
+
+def test_config_checks():
+    with pytest.raises(ValueError, match="crop"):
+        TrainConfig(crop=(1, 16, 16))
+    with pytest.raises(ValueError, match="gradients"):
+        TrainConfig(gradients="approx")
+    with pytest.raises(ValueError, match="norm_percentiles"):
+        TrainConfig(norm_percentiles=(99.5, 0.01))
+
+
+def test_loss_decreases(tmp_path):
+    c = _tiny(steps=16, n_volumes=1, n_val=0, checkpoint_every=100)
+    model = train(c, tmp_path, progress=False)
+    losses = [float(r["loss"]) for r in _rows(tmp_path / LOSS_CSV)]
+    assert len(losses) == 16
+    assert np.mean(losses[-4:]) < 0.7 * np.mean(losses[:4])
+    assert isinstance(model, RLN) and not model.training
+    saved = RLN.load(tmp_path / MODEL_NAME)
+    assert saved.metadata["steps"] == 16
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(saved.state_dict()[k], v.cpu(), rtol=0, atol=0)
+
+
+class _Kill(Exception):
+    pass
+
+
+def test_resume_reproduces_unbroken_run(tmp_path):
+    c = _tiny(steps=7)
+    whole = train(c, tmp_path / "whole", progress=False)
+
+    def kill_at_5(step, row):
+        if step == 5:
+            raise _Kill
+
+    with pytest.raises(_Kill):  # dies after the checkpoint at step 3: steps 4, 5 are redone
+        train(c, tmp_path / "broken", progress=False, callback=kill_at_5)
+    assert [r["step"] for r in _rows(tmp_path / "broken" / LOSS_CSV)] == ["1", "2", "3", "4", "5"]
+    seen: list[int] = []
+    resumed = train(c, tmp_path / "broken", progress=False,  # new model, optimizer, data
+                    callback=lambda step, row: seen.append(step))
+    assert seen == [4, 5, 6, 7]  # resumed from the checkpoint, not restarted
+
+    a, b = _rows(tmp_path / "whole" / LOSS_CSV), _rows(tmp_path / "broken" / LOSS_CSV)
+    assert [r["step"] for r in b] == [str(i) for i in range(1, 8)]
+    assert a == b  # every loss part and lr, to the last digit
+    assert _rows(tmp_path / "whole" / VAL_CSV) == _rows(tmp_path / "broken" / VAL_CSV)
+    sa, sb = whole.state_dict(), resumed.state_dict()
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0)
+
+    # Extending a finished run continues from its checkpoint.
+    more = train(_tiny(steps=8), tmp_path / "broken", progress=False)
+    assert len(_rows(tmp_path / "broken" / LOSS_CSV)) == 8 and more.metadata["steps"] == 8
+    # A different recipe refuses to resume.
+    with pytest.raises(ValueError, match="another config"):
+        train(_tiny(steps=9, lr=0.01), tmp_path / "broken", progress=False)
+
+
+def test_train_from_folder(tmp_path):
+    psf = np.zeros((3, 3, 3), np.float32)
+    psf[1, 1, 1] = 1.0
+    synth.write_pairs(tmp_path / "data", 3, psf, (24, 24, 24), seed=0, progress=False)
+    c = _tiny(data_dir=str(tmp_path / "data"), steps=2, val_every=2, augment=True)
+    train(c, tmp_path / "run", progress=False)
+    assert (tmp_path / "run" / CHECKPOINT_NAME).exists()
+    val = _rows(tmp_path / "run" / VAL_CSV)
+    assert [r["step"] for r in val] == ["2"] and math.isfinite(float(val[0]["psnr"]))
+    with pytest.raises(ValueError, match="n_val"):
+        train(_tiny(data_dir=str(tmp_path / "data"), n_val=3), tmp_path / "run2", progress=False)
