@@ -1,43 +1,64 @@
-"""The RLN forward written in plain PyTorch (cat, F.conv3d, BatchNorm, softplus): the baseline users have."""
+"""The RLN written as users would in plain PyTorch (F.conv3d, torch.cat, BatchNorm3d, softplus): the baseline."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from rln_fast.models.rln import _BNS, _CONVS, _E7_SHAPE, RLN
 
 
-def _bn(t: torch.Tensor, bn: torch.nn.BatchNorm3d) -> torch.Tensor:
-    return F.batch_norm(t, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+class PlainRLN(nn.Module):
+    """The RLN written as users would in plain PyTorch: F.conv3d, torch.cat, BatchNorm3d, softplus.
+
+    Same parameter names as rln_fast's RLN, so ``load_state_dict(rln.state_dict())`` copies it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        for name, (cout, cin) in _CONVS.items():
+            self.register_parameter(name, nn.Parameter(torch.empty(cout, cin, 3, 3, 3)))
+        self.e7 = nn.Parameter(torch.empty(*_E7_SHAPE))
+        for name, c in _BNS.items():
+            self.add_module(name, nn.BatchNorm3d(c, eps=1e-3, momentum=0.01))
+
+    def _c(self, t: torch.Tensor, name: str) -> torch.Tensor:
+        return F.conv3d(t, getattr(self, name), padding=1)
+
+    def _bsp(self, t: torch.Tensor, name: str) -> torch.Tensor:
+        return F.softplus(getattr(self, f"bn_{name}")(self._c(t, name)))
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        sp = F.softplus
+        xd = F.avg_pool3d(x, 2)
+        a1 = self._bsp(xd, "e1")
+        a2 = self._bsp(a1, "e2")
+        a3 = self._bsp(torch.cat([a1, a2], 1), "e3") + sp(xd)
+        r1 = self.bn_t1(xd / (a3.mean(1, keepdim=True) + 1e-4))
+        b1 = self._bsp(r1, "e4")
+        b2 = self._bsp(b1, "e5")
+        b3 = self._bsp(torch.cat([b2, b1], 1), "e6")
+        op = tuple(s % 2 for s in x.shape[2:])
+        up = sp(self.bn_e7(F.conv_transpose3d(b3, self.e7, stride=2, output_padding=op)))
+        bp1 = self._bsp(up, "e8")
+        e1pre = x * bp1.mean(1, keepdim=True)
+        e1 = sp(self.bn_t2(e1pre))
+        c1 = self._bsp(x, "u1")
+        c2 = self._bsp(c1, "u2") + sp(x)
+        r2 = self.bn_t3(x / (c2.mean(1, keepdim=True) + 1e-4))
+        d1 = self._bsp(r2, "u3")
+        d2 = self._bsp(d1, "u4") + 1.0
+        e2pre = e1 * d2.mean(1, keepdim=True)
+        e2 = sp(self.bn_t4(e2pre))
+        m1 = sp(self._c(e2, "u5"))
+        m2 = sp(self._c(torch.cat([m1, e2, e1], 1), "u6"))
+        m3 = self._bsp(torch.cat([m1, m2], 1), "u7")
+        return {"E1pre": e1pre, "output": m3.mean(1, keepdim=True)}
 
 
-def plain_rln_forward(m, x: torch.Tensor) -> torch.Tensor:
-    """Eval-mode RLN forward of the weights of `m` (an rln_fast.RLN), with torch ops only."""
-    sp = F.softplus
-
-    def conv(t, name, bn=None):
-        y = F.conv3d(t, getattr(m, name), padding=1)
-        return sp(_bn(y, getattr(m, bn))) if bn else sp(y)
-
-    D, H, W = x.shape[2:]
-    xd = F.avg_pool3d(x, 2)
-    a1 = conv(xd, "e1", "bn_e1")
-    a2 = conv(a1, "e2", "bn_e2")
-    a3 = conv(torch.cat([a1, a2], 1), "e3", "bn_e3") + sp(xd)
-    r1 = _bn(xd / (a3.mean(1, keepdim=True) + 1e-4), m.bn_t1)
-    b1 = conv(r1, "e4", "bn_e4")
-    b2 = conv(b1, "e5", "bn_e5")
-    b3 = conv(torch.cat([b2, b1], 1), "e6", "bn_e6")
-    up = sp(_bn(F.conv_transpose3d(b3, m.e7, stride=2, output_padding=(D % 2, H % 2, W % 2)), m.bn_e7))
-    u2 = conv(up, "e8", "bn_e8")
-    e1pre = x * u2.mean(1, keepdim=True)
-    e1 = sp(_bn(e1pre, m.bn_t2))
-    c1 = conv(x, "u1", "bn_u1")
-    c2 = conv(c1, "u2", "bn_u2") + sp(x)
-    r2 = _bn(x / (c2.mean(1, keepdim=True) + 1e-4), m.bn_t3)
-    d1 = conv(r2, "u3", "bn_u3")
-    d2 = conv(d1, "u4", "bn_u4") + 1
-    e2 = sp(_bn(e1 * d2.mean(1, keepdim=True), m.bn_t4))
-    m1 = conv(e2, "u5")
-    m2 = conv(torch.cat([m1, e2, e1], 1), "u6")
-    m3 = conv(torch.cat([m1, m2], 1), "u7", "bn_u7")
-    return m3.mean(1, keepdim=True)
+def plain_copy(model: RLN) -> PlainRLN:
+    """A PlainRLN with the weights, statistics, device and mode of `model`."""
+    plain = PlainRLN().to(next(model.parameters()).device)
+    plain.load_state_dict(model.state_dict())
+    return plain.train(model.training)

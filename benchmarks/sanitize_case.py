@@ -17,3 +17,19 @@ for dtype in (torch.float32, torch.float64):
         z.sum().backward()
 torch.cuda.synchronize()
 print("sanitize case ran")
+
+# The inference-only fused RL convs (both tile shapes) and the fused RLN end to end.
+with torch.no_grad():
+    for cout in (4, 8):
+        xs = [torch.randn(1, 4, 11, 9, 37, device="cuda"), torch.randn(1, 2, 11, 9, 37, device="cuda")]
+        w = torch.randn(cout, 6, 3, 3, 3, device="cuda")
+        b = torch.randn(cout, device="cuda")
+        x1 = torch.rand(1, 1, 11, 9, 37, device="cuda") + 0.1
+        ops.conv3d_rl_divide(xs, w, b, "softplus", x1, x1, 1e-4, 1.2, 0.1)
+        ops.conv3d_rl_multiply(xs, w, b, "softplus", x1, 1.0)
+        ops.conv3d_rl_multiply(xs, w, b, "softplus", None, 0.0)
+    from rln_fast.models.rln import RLN
+
+    RLN().eval().cuda().fuse()(torch.rand(1, 1, 13, 22, 35, device="cuda"))
+torch.cuda.synchronize()
+print("sanitize case (fused) ran")

@@ -1,8 +1,12 @@
 """rln_fast: fast 3D fluorescence-microscopy deconvolution (RLN and Richardson-Lucy) on PyTorch."""
 
-from . import ops
+from . import nn, ops, psf, synth
 from ._backend import backend_info
+from .deconvolve import rln_deconvolve
+from .models.rln import RLN, FusedRLN
+from .rl import richardson_lucy
 
 __version__ = "0.1.0"
 
-__all__ = ["backend_info", "ops", "__version__"]
+__all__ = ["RLN", "FusedRLN", "backend_info", "nn", "ops", "psf", "richardson_lucy",
+           "rln_deconvolve", "synth", "__version__"]

@@ -76,14 +76,7 @@ def _denormalize(y: torch.Tensor, mi: float, ma: float) -> torch.Tensor:
 
 def _resolve_model(model: Any, device: torch.device) -> FusedRLN:
     if model is None:
-        from_pretrained = getattr(RLN, "from_pretrained", None)
-        if from_pretrained is None:
-            raise ValueError(
-                "rln_deconvolve: no default model is shipped yet; pass "
-                "model=RLN.from_official_checkpoint('dir/model.ckpt') (the released TF "
-                "checkpoint), a model you trained, or the path of a file written by RLN.save"
-            )
-        model = from_pretrained()
+        model = RLN.from_pretrained()
     if isinstance(model, (str, os.PathLike)):
         model = RLN.load(model)
     if isinstance(model, RLN):

@@ -160,6 +160,9 @@ def test_reference_case(official, ref_case, form):
     errs = {k: _rel_err(d[k], ref_case[k]) for k in INTERMEDIATE_KEYS}
     bad = {k: e for k, e in errs.items() if not e <= 1e-5}
     assert not bad, f"{form}: relative errors above 1e-5: {bad}"
+    # Without intermediates the fused form runs conv3d_rl_divide / conv3d_rl_multiply instead.
+    with torch.no_grad():
+        assert _rel_err(model(ref_case["input"]), ref_case["output"]) <= 1e-5
 
 
 @needs_official
@@ -432,11 +435,14 @@ def test_percentiles_match_numpy(monkeypatch):
     np.testing.assert_allclose(deconvolve_mod._percentiles(v), expected, rtol=1e-12)
 
 
+def test_missing_shipped_model_error():
+    with pytest.raises(FileNotFoundError, match=r"no shipped model 'nope'.*RLN.from_official_checkpoint"):
+        RLN.from_pretrained("nope")
+
+
 def test_deconvolve_errors():
     m = _random_model()
     v = np.ones((4, 4, 4), np.float32)
-    with pytest.raises(ValueError, match="no default model is shipped yet.*from_official"):
-        rln_deconvolve(v)
     with pytest.raises(NotImplementedError, match="tile="):
         rln_deconvolve(v, m, tile=(2, 2, 2))
     with pytest.raises(NotImplementedError, match="memory_budget="):
@@ -458,3 +464,19 @@ def test_deconvolve_errors():
         rln_deconvolve(v, model=42)
     with pytest.raises(TypeError, match="numpy array, torch tensor or cupy"):
         rln_deconvolve([[[1.0]]], m)
+
+
+@pytest.mark.parametrize("shape", [(37, 10, 9), (64, 7, 12), (33, 5, 6)])
+def test_fused_slabs_are_bitwise_one_slab(monkeypatch, shape):
+    # Big volumes run the full-resolution stages in z-slabs with halos; the output must not
+    # depend on the slab boundaries at all.
+    from rln_fast.models.rln import FusedRLN
+
+    torch.manual_seed(0)
+    f = RLN().eval().fuse()
+    x = torch.rand(2, 1, *shape)
+    with torch.no_grad():
+        whole = f(x)
+        monkeypatch.setattr(FusedRLN, "_MIN_SLAB_VOXELS", 1)
+        assert len(FusedRLN._slabs(shape[0], shape[1] * shape[2])) > 1
+        assert torch.equal(f(x), whole)

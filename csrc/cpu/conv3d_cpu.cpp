@@ -61,8 +61,11 @@ PaddedInput<T> pad_input(const Conv3dParams& p, const Conv3dPtrs<T>& q, int64_t 
   return pi;
 }
 
-template <typename T, int kCoBlock, int kXVecs>
-void conv3d_forward_blocked(const Conv3dParams& p, const Conv3dPtrs<T>& q) {
+// kEpi == kEpiNone writes every channel; otherwise only the RL epilogue of their mean reaches
+// q.out ([N, 1, D, H, W]), with `a` its second operand.
+template <typename T, int kCoBlock, int kXVecs, int kEpi>
+void conv3d_forward_blocked(const Conv3dParams& p, const Conv3dPtrs<T>& q,
+                            const ConvRlParams& e = {}, const T* a = nullptr) {
   using S = Simd<T>;
   using V = typename S::V;
   constexpr int L = S::L, XB = L * kXVecs;
@@ -78,8 +81,10 @@ void conv3d_forward_blocked(const Conv3dParams& p, const Conv3dPtrs<T>& q) {
   parallel_for(p.N * p.D * p.H, [&](int64_t r) {
     const int64_t y = r % p.H, z = (r / p.H) % p.D, n = r / (p.H * p.D);
     alignas(64) T tmp[kCoBlock][XB];
+    const int64_t row_off = ((n * p.D + z) * p.H + y) * p.W;  // voxel offset of this row
     std::vector<T> sk(p.has_skip ? p.W : 0);
-    if (p.has_skip) softplus_n(q.skip + ((n * p.D + z) * p.H + y) * p.W, sk.data(), p.W);
+    if (p.has_skip) softplus_n(q.skip + row_off, sk.data(), p.W);
+    std::vector<T> msum(kEpi != kEpiNone ? p.W : 0, T(0)), act(kEpi != kEpiNone ? XB : 0);
     for (int64_t cg = 0; cg < cpad; cg += kCoBlock) {
       for (int64_t xb = 0; xb < Wb; xb += XB) {
         V acc[kCoBlock][kXVecs];
@@ -110,17 +115,33 @@ void conv3d_forward_blocked(const Conv3dParams& p, const Conv3dPtrs<T>& q) {
         for (int c = 0; c < kCoBlock; ++c)
           for (int j = 0; j < kXVecs; ++j) S::store(&tmp[c][j * L], acc[c][j]);
         const int64_t xn = std::min<int64_t>(XB, p.W - xb);
-        for (int c = 0; c < kCoBlock && cg + c < p.Cout; ++c) {
-          const int64_t o = (((n * p.Cout + cg + c) * p.D + z) * p.H + y) * p.W + xb;
-          if (q.preact) std::memcpy(q.preact + o, tmp[c], sizeof(T) * xn);
-          T* dst = q.out + o;
-          if (p.act == kActSoftplus)
-            softplus_n(tmp[c], dst, xn);
-          else
-            std::memcpy(dst, tmp[c], sizeof(T) * xn);
-          if (p.has_skip)
-            for (int64_t x = 0; x < xn; ++x) dst[x] += sk[xb + x];
+        if constexpr (kEpi != kEpiNone) {
+          for (int c = 0; c < kCoBlock && cg + c < p.Cout; ++c) {
+            if (p.act == kActSoftplus)
+              softplus_n(tmp[c], act.data(), xn);
+            else
+              std::memcpy(act.data(), tmp[c], sizeof(T) * xn);
+            for (int64_t x = 0; x < xn; ++x) msum[xb + x] += act[x];
+          }
+        } else {
+          for (int c = 0; c < kCoBlock && cg + c < p.Cout; ++c) {
+            const int64_t o = (((n * p.Cout + cg + c) * p.D + z) * p.H + y) * p.W + xb;
+            if (q.preact) std::memcpy(q.preact + o, tmp[c], sizeof(T) * xn);
+            T* dst = q.out + o;
+            if (p.act == kActSoftplus)
+              softplus_n(tmp[c], dst, xn);
+            else
+              std::memcpy(dst, tmp[c], sizeof(T) * xn);
+            if (p.has_skip)
+              for (int64_t x = 0; x < xn; ++x) dst[x] += sk[xb + x];
+          }
         }
+      }
+    }
+    if constexpr (kEpi != kEpiNone) {
+      for (int64_t x = 0; x < p.W; ++x) {
+        const T m = msum[x] / T(p.Cout) + (p.has_skip ? sk[x] : T(0));
+        q.out[row_off + x] = rl_epilogue(e, m, a ? a[row_off + x] : T(1));
       }
     }
   });
@@ -132,9 +153,27 @@ template <typename T>
 void conv3d_forward(const Conv3dParams& p, const Conv3dPtrs<T>& q) {
   if (p.N * p.Cout * p.D * p.H * p.W == 0) return;
   if (p.Cout <= 4)
-    conv3d_forward_blocked<T, 4, kNarrowXVecs>(p, q);
+    conv3d_forward_blocked<T, 4, kNarrowXVecs, kEpiNone>(p, q);
   else
-    conv3d_forward_blocked<T, 8, kWideXVecs>(p, q);
+    conv3d_forward_blocked<T, 8, kWideXVecs, kEpiNone>(p, q);
+}
+
+template <typename T>
+void conv3d_rl_forward(const Conv3dParams& p, const Conv3dPtrs<T>& q, const ConvRlParams& e,
+                       const T* a) {
+  if (p.N * p.D * p.H * p.W == 0) return;
+  const bool narrow = p.Cout <= 4;
+  if (e.mode == kEpiDivide) {
+    if (narrow)
+      conv3d_forward_blocked<T, 4, kNarrowXVecs, kEpiDivide>(p, q, e, a);
+    else
+      conv3d_forward_blocked<T, 8, kWideXVecs, kEpiDivide>(p, q, e, a);
+  } else {
+    if (narrow)
+      conv3d_forward_blocked<T, 4, kNarrowXVecs, kEpiMultiply>(p, q, e, a);
+    else
+      conv3d_forward_blocked<T, 8, kWideXVecs, kEpiMultiply>(p, q, e, a);
+  }
 }
 
 template <typename T>
@@ -219,6 +258,8 @@ void conv3d_wgrad(const Conv3dParams& p, const Conv3dPtrs<T>& q, const T* dz, T*
 
 #define RLN_FAST_INSTANTIATE(T)                                                                    \
   template void conv3d_forward<T>(const Conv3dParams&, const Conv3dPtrs<T>&);                     \
+  template void conv3d_rl_forward<T>(const Conv3dParams&, const Conv3dPtrs<T>&,                   \
+                                     const ConvRlParams&, const T*);                              \
   template void conv3d_act_backward<T>(const Conv3dParams&, const T*, const T*, const T*, T*, T*); \
   template void conv3d_wgrad<T>(const Conv3dParams&, const Conv3dPtrs<T>&, const T*, T*);
 RLN_FAST_INSTANTIATE(float)

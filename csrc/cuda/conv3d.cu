@@ -23,16 +23,60 @@ __device__ __forceinline__ void load_tile(const Conv3dParams& p, const T* __rest
   }
 }
 
+// The same tile, copied with cp.async (sm_80+) so the copy overlaps the previous channel's
+// arithmetic; out-of-volume elements are zero-filled by the copy itself (source size 0).
+template <typename T, int TZ>
+__device__ __forceinline__ void load_tile_async(const Conv3dParams& p, const T* __restrict__ src,
+                                                int64_t z0, int64_t y0, int64_t x0, T* tile,
+                                                int tid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  for (int i = tid; i < TZ * kTY * kTX; i += kThreads) {
+    const int lx = i % kTX, ly = (i / kTX) % kTY, lz = i / (kTX * kTY);
+    const int64_t gx = x0 + lx - 1, gy = y0 + ly - 1, gz = z0 + lz - 1;
+    const bool inside = gx >= 0 && gx < p.W && gy >= 0 && gy < p.H && gz >= 0 && gz < p.D;
+    const T* g = inside ? src + (gz * p.H + gy) * p.W + gx : src;
+    const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(tile + i));
+    const int bytes = inside ? int(sizeof(T)) : 0;
+    if constexpr (sizeof(T) == 4)
+      asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(g), "r"(bytes));
+    else
+      asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst), "l"(g), "r"(bytes));
+  }
+  asm volatile("cp.async.commit_group;\n" ::);
+#else
+  load_tile<T, TZ>(p, src, z0, y0, x0, tile, tid);
+#endif
+}
+
+// Waits until at most `pending` cp.async groups of this thread are still in flight.
+template <int pending>
+__device__ __forceinline__ void wait_async() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(pending));
+#endif
+}
+
+// Start of concatenated input channel ci of batch n.
+template <typename T>
+__device__ __forceinline__ const T* channel_ptr(const Conv3dParams& p, const Conv3dPtrs<T>& q,
+                                                int64_t n, int64_t ci) {
+  int t = 0;
+  while (ci >= p.in_channels[t]) ci -= p.in_channels[t++];
+  return q.in[t] + (n * p.in_channels[t] + ci) * (p.D * p.H * p.W);
+}
+
 // Each thread computes ZT voxels along z at one (y, x) for COT output channels, so every input
 // value read from shared memory feeds up to 3 * COT FMAs and every weight ZT FMAs.
-template <typename T, int COT, int ZT>
+// EPI != kEpiNone: the block holds every output channel (n_chunks == 1) and writes only the RL
+// epilogue of their mean to q.out [N, 1, D, H, W], with `a` its second operand.
+template <typename T, int COT, int ZT, int EPI>
 __global__ void __launch_bounds__(kThreads, 2)
     conv3d_forward_kernel(const Conv3dParams p, const Conv3dPtrs<T> q, int64_t n_chunks,
-                          int64_t n_ztiles) {
+                          int64_t n_ztiles, const ConvRlParams e, const T* __restrict__ a) {
   constexpr int TZ = ZT + 2;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* w_s = reinterpret_cast<T*>(smem_raw);   // [Cin][27][COT]
-  T* in_s = w_s + p.Cin * kConvTaps * COT;   // [TZ][kTY][kTX]
+  T* in_s = w_s + p.Cin * kConvTaps * COT;   // [2][TZ][kTY][kTX]
   const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * kBX + tx;
   int64_t bz = blockIdx.z;
   const int64_t zt = bz % n_ztiles;
@@ -52,15 +96,19 @@ __global__ void __launch_bounds__(kThreads, 2)
     for (int zo = 0; zo < ZT; ++zo) acc[zo][c] = b;
   }
 
-  const int64_t S = p.D * p.H * p.W;
-  int t = 0;
-  int64_t c_local = 0;
+  // Two input tiles: channel ci + 1 streams in (cp.async) while channel ci is computed.
+  constexpr int kTile = TZ * kTY * kTX;
+  load_tile_async<T, TZ>(p, channel_ptr(p, q, n, 0), z0, y0, x0, in_s, tid);
   for (int64_t ci = 0; ci < p.Cin; ++ci) {
-    const T* src = q.in[t] + (n * p.in_channels[t] + c_local) * S;
-    if (++c_local == p.in_channels[t]) c_local = 0, ++t;
-    __syncthreads();  // the previous channel's tile is no longer read
-    load_tile<T, TZ>(p, src, z0, y0, x0, in_s, tid);
-    __syncthreads();
+    T* cur = in_s + (ci & 1) * kTile;
+    if (ci + 1 < p.Cin) {
+      load_tile_async<T, TZ>(p, channel_ptr(p, q, n, ci + 1), z0, y0, x0,
+                             in_s + ((ci + 1) & 1) * kTile, tid);
+      wait_async<1>();
+    } else {
+      wait_async<0>();
+    }
+    __syncthreads();  // channel ci (and the weights) are visible to the whole block
     const T* wc = w_s + ci * kConvTaps * COT;
 #pragma unroll
     for (int ky = 0; ky < 3; ++ky) {
@@ -68,7 +116,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       for (int kx = 0; kx < 3; ++kx) {
         T col[TZ];
 #pragma unroll
-        for (int zz = 0; zz < TZ; ++zz) col[zz] = in_s[(zz * kTY + ty + ky) * kTX + tx + kx];
+        for (int zz = 0; zz < TZ; ++zz) col[zz] = cur[(zz * kTY + ty + ky) * kTX + tx + kx];
 #pragma unroll
         for (int kz = 0; kz < 3; ++kz) {
           T wv[COT];
@@ -81,8 +129,10 @@ __global__ void __launch_bounds__(kThreads, 2)
         }
       }
     }
+    __syncthreads();  // everyone is done with `cur` before it is refilled with channel ci + 2
   }
 
+  const int64_t S = p.D * p.H * p.W;
   const int64_t x = x0 + tx, y = y0 + ty;
   if (x >= p.W || y >= p.H) return;
 #pragma unroll
@@ -91,29 +141,38 @@ __global__ void __launch_bounds__(kThreads, 2)
     if (z >= p.D) break;
     const int64_t v = (z * p.H + y) * p.W + x;
     const T sk = p.has_skip ? softplus(q.skip[n * S + v]) : T(0);
+    if constexpr (EPI == kEpiNone) {
 #pragma unroll
-    for (int c = 0; c < COT; ++c) {
-      if (co0 + c >= p.Cout) break;
-      const int64_t o = (n * p.Cout + co0 + c) * S + v;
-      if (q.preact) q.preact[o] = acc[zo][c];
-      q.out[o] = apply_act(p.act, acc[zo][c]) + sk;
+      for (int c = 0; c < COT; ++c) {
+        if (co0 + c >= p.Cout) break;
+        const int64_t o = (n * p.Cout + co0 + c) * S + v;
+        if (q.preact) q.preact[o] = acc[zo][c];
+        q.out[o] = apply_act(p.act, acc[zo][c]) + sk;
+      }
+    } else {
+      T m = T(0);
+#pragma unroll
+      for (int c = 0; c < COT; ++c)
+        if (c < p.Cout) m += apply_act(p.act, acc[zo][c]);
+      q.out[n * S + v] = rl_epilogue(e, m / T(p.Cout) + sk, a ? a[n * S + v] : T(1));
     }
   }
 }
 
-template <typename T, int COT, int ZT>
-cudaError_t launch_forward_tiled(const Conv3dParams& p, const Conv3dPtrs<T>& q, cudaStream_t s) {
+template <typename T, int COT, int ZT, int EPI = kEpiNone>
+cudaError_t launch_forward_tiled(const Conv3dParams& p, const Conv3dPtrs<T>& q, cudaStream_t s,
+                                 const ConvRlParams& e = {}, const T* a = nullptr) {
   const int64_t n_chunks = (p.Cout + COT - 1) / COT, n_ztiles = (p.D + ZT - 1) / ZT;
   const int64_t gz = p.N * n_chunks * n_ztiles, gy = (p.H + kBY - 1) / kBY;
   if (gz > 65535 || gy > 65535) return cudaErrorInvalidConfiguration;
-  const size_t smem = sizeof(T) * (p.Cin * kConvTaps * COT + (ZT + 2) * kTY * kTX);
-  auto kernel = conv3d_forward_kernel<T, COT, ZT>;
+  const size_t smem = sizeof(T) * (p.Cin * kConvTaps * COT + 2 * (ZT + 2) * kTY * kTX);
+  auto kernel = conv3d_forward_kernel<T, COT, ZT, EPI>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>((p.W + kBX - 1) / kBX), static_cast<unsigned>(gy),
                   static_cast<unsigned>(gz));
-  kernel<<<grid, dim3(kBX, kBY), smem, s>>>(p, q, n_chunks, n_ztiles);
+  kernel<<<grid, dim3(kBX, kBY), smem, s>>>(p, q, n_chunks, n_ztiles, e, a);
   return cudaGetLastError();
 }
 
@@ -157,9 +216,6 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ T red[kThreads / 32][NACC];
   const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * kBX + tx;
   const int64_t ci = blockIdx.y, co0 = int64_t(blockIdx.z) * kWgCo;
-  int t = 0;
-  int64_t c_local = ci;
-  while (c_local >= p.in_channels[t]) c_local -= p.in_channels[t++];
   const int64_t S = p.D * p.H * p.W;
   const int64_t nx = (p.W + kBX - 1) / kBX, ny = (p.H + kBY - 1) / kBY, nz = (p.D + kWgZ - 1) / kWgZ;
   const int64_t tiles = p.N * nz * ny * nx;
@@ -174,7 +230,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t xt = tile % nx, yt = (tile / nx) % ny, zt = (tile / (nx * ny)) % nz;
     const int64_t n = tile / (nx * ny * nz);
     const int64_t x0 = xt * kBX, y0 = yt * kBY, z0 = zt * kWgZ;
-    const T* src = q.in[t] + (n * p.in_channels[t] + c_local) * S;
+    const T* src = channel_ptr(p, q, n, ci);
     __syncthreads();
     load_tile<T, TZ>(p, src, z0, y0, x0, in_s, tid);
     __syncthreads();
@@ -259,6 +315,18 @@ cudaError_t launch_conv3d_forward(const Conv3dParams& p, const Conv3dPtrs<T>& q,
 }
 
 template <typename T>
+cudaError_t launch_conv3d_rl_forward(const Conv3dParams& p, const Conv3dPtrs<T>& q,
+                                     const ConvRlParams& e, const T* a, cudaStream_t s) {
+  if (p.N * p.D * p.H * p.W == 0) return cudaSuccess;
+  if (p.Cout > 8) return cudaErrorInvalidValue;
+  if (e.mode == kEpiDivide)
+    return p.Cout <= 4 ? launch_forward_tiled<T, 4, 16, kEpiDivide>(p, q, s, e, a)
+                       : launch_forward_tiled<T, 8, 8, kEpiDivide>(p, q, s, e, a);
+  return p.Cout <= 4 ? launch_forward_tiled<T, 4, 16, kEpiMultiply>(p, q, s, e, a)
+                     : launch_forward_tiled<T, 8, 8, kEpiMultiply>(p, q, s, e, a);
+}
+
+template <typename T>
 cudaError_t launch_conv3d_act_backward(const Conv3dParams& p, const T* dy, const T* preact,
                                        const T* skip, T* dz, T* dskip, cudaStream_t s) {
   const int64_t n = p.N * p.D * p.H * p.W;
@@ -292,6 +360,8 @@ cudaError_t launch_conv3d_wgrad(const Conv3dParams& p, const Conv3dPtrs<T>& q, c
 #define RLN_FAST_INSTANTIATE(T)                                                                  \
   template cudaError_t launch_conv3d_forward<T>(const Conv3dParams&, const Conv3dPtrs<T>&,      \
                                                 cudaStream_t);                                  \
+  template cudaError_t launch_conv3d_rl_forward<T>(const Conv3dParams&, const Conv3dPtrs<T>&,   \
+                                                   const ConvRlParams&, const T*, cudaStream_t); \
   template cudaError_t launch_conv3d_act_backward<T>(const Conv3dParams&, const T*, const T*,   \
                                                      const T*, T*, T*, cudaStream_t);           \
   template size_t conv3d_wgrad_workspace<T>(const Conv3dParams&);                                \

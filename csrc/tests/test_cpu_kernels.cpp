@@ -82,6 +82,31 @@ void test_conv(const Shape& s, double tol, std::mt19937& rng) {
                           std::to_string(p.Cin) + " Cout" + std::to_string(s.Cout);
   check(max_rel_err(out, ref) < tol, "conv3d_forward " + tag);
 
+  // The fused RL epilogues: only the mean over channels reaches memory.
+  if (s.Cout <= 8) {
+    auto a = random_vec<T>(s.N * S, rng, T(0.1), T(2));
+    std::vector<T> rl(s.N * S), rl_ref(s.N * S);
+    for (int mode : {kEpiDivide, kEpiMultiply}) {
+      if (mode == kEpiDivide && p.act != kActSoftplus) continue;  // the mean must stay positive
+      ConvRlParams e;
+      e.mode = mode, e.scale = 1.3, e.shift = -0.2, e.offset = 0.7;
+      Conv3dPtrs<T> qr = q;
+      qr.out = rl.data(), qr.preact = nullptr;
+      for (const T* operand : {static_cast<const T*>(a.data()), static_cast<const T*>(nullptr)}) {
+        cpu::conv3d_rl_forward(p, qr, e, operand);
+        for (int64_t n = 0; n < s.N; ++n)
+          for (int64_t z = 0; z < s.D; ++z)
+            for (int64_t y = 0; y < s.H; ++y)
+              for (int64_t x = 0; x < s.W; ++x)
+                rl_ref[((n * s.D + z) * s.H + y) * s.W + x] =
+                    conv3d_rl_out_at(p, q, e, operand, n, z, y, x);
+        check(max_rel_err(rl, rl_ref) < tol,
+              std::string(mode == kEpiDivide ? "conv3d_rl_divide " : "conv3d_rl_multiply ") +
+                  (operand ? "" : "(no operand) ") + tag);
+      }
+    }
+  }
+
   // Weight gradient and act backward against the per-voxel definitions.
   auto dy = random_vec<T>(out.size(), rng);
   std::vector<T> dz(out.size()), dskip(s.N * S), dw(w.size()), dw_ref(w.size());

@@ -3,32 +3,60 @@
 
 #include <torch/extension.h>
 
-#include <sstream>
+#include <cstdint>
 #include <string>
+#include <type_traits>
 
 namespace rln_fast {
+namespace detail {
+
+// Messages are built with std::string and std::to_string, never with iostreams: on the GPU
+// machine (gcc 13.3, torch 2.11+cu130) TORCH_CHECK's c10::str stream formatting compiled into
+// this extension segfaulted (std::ostream::_M_insert<long>), so the checks avoid it entirely.
+inline void append(std::string& s, const char* v) { s += v; }
+inline void append(std::string& s, const std::string& v) { s += v; }
+inline void append(std::string& s, c10::ScalarType t) { s += c10::toString(t); }
+inline void append(std::string& s, const c10::Device& d) { s += d.str(); }
+template <class I, std::enable_if_t<std::is_integral_v<I>, int> = 0>
+inline void append(std::string& s, I v) {
+  s += std::to_string(v);
+}
+
+template <class... A>
+[[noreturn]] void fail(const char* func, const char* file, uint32_t line, const A&... parts) {
+  std::string msg;
+  (append(msg, parts), ...);
+  throw c10::Error({func, file, line}, msg);
+}
+
+}  // namespace detail
+
+// TORCH_CHECK without stream formatting; the message parts are concatenated.
+#define RLN_CHECK(cond, ...)                                                                  \
+  do {                                                                                        \
+    if (C10_UNLIKELY(!(cond)))                                                                \
+      ::rln_fast::detail::fail(__func__, __FILE__, static_cast<uint32_t>(__LINE__), __VA_ARGS__); \
+  } while (0)
 
 inline std::string shape_str(const at::Tensor& t) {
-  std::ostringstream s;
-  s << "(";
-  for (int64_t i = 0; i < t.dim(); ++i) s << (i ? ", " : "") << t.size(i);
-  s << ")";
-  return s.str();
+  std::string s = "(";
+  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));
+  return s + ")";
 }
 
 inline void check_volume(const char* op, const char* arg, const at::Tensor& t) {
-  TORCH_CHECK(t.dim() == 5, "rln_fast.", op, ": '", arg, "' must be 5-D (N, C, D, H, W), got ",
+  RLN_CHECK(t.dim() == 5, "rln_fast.", op, ": '", arg, "' must be 5-D (N, C, D, H, W), got ",
               t.dim(), "-D");
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "rln_fast.", op,
+  RLN_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "rln_fast.", op,
               ": '", arg, "' must be float32 or float64, got ", t.scalar_type());
 }
 
 inline void check_same(const char* op, const char* arg, const at::Tensor& t, const at::Tensor& ref,
                        const char* ref_arg) {
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "rln_fast.", op, ": '", arg,
+  RLN_CHECK(t.scalar_type() == ref.scalar_type(), "rln_fast.", op, ": '", arg,
               "' must have the dtype of '", ref_arg, "' (", ref.scalar_type(), "), got ",
               t.scalar_type());
-  TORCH_CHECK(t.device() == ref.device(), "rln_fast.", op, ": '", arg,
+  RLN_CHECK(t.device() == ref.device(), "rln_fast.", op, ": '", arg,
               "' must be on the device of '", ref_arg, "' (", ref.device(), "), got ", t.device());
 }
 
@@ -36,18 +64,18 @@ inline void check_spatial(const char* op, const char* arg, const at::Tensor& t, 
                           const char* ref_arg) {
   const bool same = t.size(0) == ref.size(0) && t.size(2) == ref.size(2) &&
                     t.size(3) == ref.size(3) && t.size(4) == ref.size(4);
-  TORCH_CHECK(same, "rln_fast.", op, ": '", arg, "' must have the batch and spatial size of '",
+  RLN_CHECK(same, "rln_fast.", op, ": '", arg, "' must have the batch and spatial size of '",
               ref_arg, "' ", shape_str(ref), ", got ", shape_str(t));
 }
 
 // The CUDA path exists only when compiled in; say which switch builds it.
 inline void check_device_supported(const char* op, const at::Tensor& t) {
 #ifndef RLN_FAST_WITH_CUDA
-  TORCH_CHECK(!t.is_cuda(), "rln_fast.", op,
+  RLN_CHECK(!t.is_cuda(), "rln_fast.", op,
               ": got a CUDA tensor, but rln_fast._C was built without CUDA kernels (rebuild with a "
               "CUDA build of torch and nvcc, or RLN_FAST_FORCE_CUDA=1)");
 #endif
-  TORCH_CHECK(t.is_cpu() || t.is_cuda(), "rln_fast.", op, ": tensors must be on CPU or CUDA, got ",
+  RLN_CHECK(t.is_cpu() || t.is_cuda(), "rln_fast.", op, ": tensors must be on CPU or CUDA, got ",
               t.device());
 }
 

@@ -26,7 +26,7 @@ ConvCall check_conv3d_args(const std::vector<at::Tensor>& inputs, const at::Tens
                            const c10::optional<at::Tensor>& b, int64_t act,
                            const c10::optional<at::Tensor>& skip) {
   constexpr const char* op = "conv3d";
-  TORCH_CHECK(!inputs.empty() && static_cast<int>(inputs.size()) <= kMaxConvInputs, "rln_fast.",
+  RLN_CHECK(!inputs.empty() && static_cast<int>(inputs.size()) <= kMaxConvInputs, "rln_fast.",
               op, ": 'inputs' must hold 1 to ", kMaxConvInputs, " tensors, got ", inputs.size());
   ConvCall c;
   const at::Tensor& x0 = inputs[0];
@@ -42,22 +42,22 @@ ConvCall check_conv3d_args(const std::vector<at::Tensor>& inputs, const at::Tens
     c.p.Cin += inputs[i].size(1);
     c.inputs.push_back(inputs[i].contiguous());
   }
-  TORCH_CHECK(w.dim() == 5, "rln_fast.", op,
+  RLN_CHECK(w.dim() == 5, "rln_fast.", op,
               ": 'weight' must be 5-D (Cout, Cin, 3, 3, 3), got ", w.dim(), "-D");
   check_same(op, "weight", w, x0, "inputs[0]");
-  TORCH_CHECK(w.size(2) == 3 && w.size(3) == 3 && w.size(4) == 3, "rln_fast.", op,
+  RLN_CHECK(w.size(2) == 3 && w.size(3) == 3 && w.size(4) == 3, "rln_fast.", op,
               ": 'weight' must have a 3x3x3 kernel, got ", w.size(2), "x", w.size(3), "x",
               w.size(4));
-  TORCH_CHECK(w.size(1) == c.p.Cin, "rln_fast.", op, ": 'weight' expects ", w.size(1),
+  RLN_CHECK(w.size(1) == c.p.Cin, "rln_fast.", op, ": 'weight' expects ", w.size(1),
               " input channels, but the inputs have ", c.p.Cin, " channels in all");
-  TORCH_CHECK(act == kActNone || act == kActSoftplus, "rln_fast.", op,
+  RLN_CHECK(act == kActNone || act == kActSoftplus, "rln_fast.", op,
               ": 'act' must be 0 (none) or 1 (softplus), got ", act);
   c.p.N = x0.size(0), c.p.Cout = w.size(0), c.p.D = x0.size(2), c.p.H = x0.size(3),
   c.p.W = x0.size(4), c.p.act = static_cast<int>(act);
   c.w = w.contiguous();
   if (b.has_value() && b->defined()) {
     check_same(op, "bias", *b, x0, "inputs[0]");
-    TORCH_CHECK(b->dim() == 1 && b->size(0) == c.p.Cout, "rln_fast.", op, ": 'bias' must be (",
+    RLN_CHECK(b->dim() == 1 && b->size(0) == c.p.Cout, "rln_fast.", op, ": 'bias' must be (",
                 c.p.Cout, "), got ", shape_str(*b));
     c.b = b->contiguous();
     c.p.has_bias = true;
@@ -66,7 +66,7 @@ ConvCall check_conv3d_args(const std::vector<at::Tensor>& inputs, const at::Tens
     check_volume(op, "skip", *skip);
     check_same(op, "skip", *skip, x0, "inputs[0]");
     check_spatial(op, "skip", *skip, x0, "inputs[0]");
-    TORCH_CHECK(skip->size(1) == 1, "rln_fast.", op, ": 'skip' must have 1 channel, got ",
+    RLN_CHECK(skip->size(1) == 1, "rln_fast.", op, ": 'skip' must have 1 channel, got ",
                 skip->size(1));
     c.skip = skip->contiguous();
     c.p.has_skip = true;
@@ -86,7 +86,7 @@ Conv3dPtrs<T> pointers(const ConvCall& c) {
 
 #ifdef RLN_FAST_WITH_CUDA
 void check_cuda(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, "rln_fast.", what, ": CUDA launch failed: ",
+  RLN_CHECK(err == cudaSuccess, "rln_fast.", what, ": CUDA launch failed: ",
               cudaGetErrorString(err));
 }
 #endif
@@ -127,6 +127,73 @@ std::vector<at::Tensor> conv3d_forward(const std::vector<at::Tensor>& inputs, co
   return {out, save_preact ? preact : at::empty({0}, opts)};
 }
 
+namespace {
+
+// The RL operand of a fused conv3d_rl_* call: [N, 1, D, H, W] like the conv's inputs.
+at::Tensor check_rl_operand(const char* op, const char* arg, const at::Tensor& a, const ConvCall& c) {
+  check_volume(op, arg, a);
+  check_same(op, arg, a, c.inputs[0], "inputs[0]");
+  check_spatial(op, arg, a, c.inputs[0], "inputs[0]");
+  RLN_CHECK(a.size(1) == 1, "rln_fast.", op, ": '", arg, "' must have 1 channel, got ", a.size(1));
+  return a.contiguous();
+}
+
+// One CUDA block holds every output channel of its voxels, so their mean never leaves registers.
+void check_rl_cout(const char* op, const ConvCall& c) {
+  RLN_CHECK(c.p.Cout <= 8, "rln_fast.", op, ": 'weight' may have at most 8 output channels, got ",
+            c.p.Cout);
+}
+
+at::Tensor run_conv3d_rl(const char* op, ConvCall& c, const at::Tensor& a, const ConvRlParams& e) {
+#ifdef RLN_FAST_WITH_CUDA
+  const c10::cuda::OptionalCUDAGuard guard(c.w.is_cuda() ? c10::make_optional(c.w.device())
+                                                          : c10::nullopt);
+#endif
+  at::Tensor out = at::empty({c.p.N, 1, c.p.D, c.p.H, c.p.W}, c.w.options());
+  AT_DISPATCH_FLOATING_TYPES(c.w.scalar_type(), "rln_fast.conv3d_rl", [&] {
+    Conv3dPtrs<scalar_t> q = pointers<scalar_t>(c);
+    q.out = out.data_ptr<scalar_t>();
+    if (out.is_cuda()) {
+#ifdef RLN_FAST_WITH_CUDA
+      check_cuda(cuda::launch_conv3d_rl_forward(c.p, q, e, a.defined() ? a.data_ptr<scalar_t>() : nullptr,
+                                                at::cuda::getCurrentCUDAStream()),
+                 op);
+#endif
+    } else {
+      cpu::conv3d_rl_forward(c.p, q, e, a.defined() ? a.data_ptr<scalar_t>() : nullptr);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+// scale * x / (mean_c(act(conv(inputs) + b) + softplus(skip)) + eps) + shift -> [N, 1, D, H, W].
+at::Tensor conv3d_rl_divide_forward(const std::vector<at::Tensor>& inputs, const at::Tensor& w,
+                                    const c10::optional<at::Tensor>& b, int64_t act,
+                                    const c10::optional<at::Tensor>& skip, const at::Tensor& x,
+                                    double eps, double scale, double shift) {
+  ConvCall c = check_conv3d_args(inputs, w, b, act, skip);
+  check_rl_cout("conv3d_rl_divide", c);
+  const at::Tensor xc = check_rl_operand("conv3d_rl_divide", "x", x, c);
+  ConvRlParams e;
+  e.mode = kEpiDivide, e.eps = eps, e.scale = scale, e.shift = shift;
+  return run_conv3d_rl("conv3d_rl_divide", c, xc, e);
+}
+
+// e * (mean_c(act(conv(inputs) + b)) + offset) -> [N, 1, D, H, W]; e absent reads as 1.
+at::Tensor conv3d_rl_multiply_forward(const std::vector<at::Tensor>& inputs, const at::Tensor& w,
+                                      const c10::optional<at::Tensor>& b, int64_t act,
+                                      const c10::optional<at::Tensor>& e, double offset) {
+  ConvCall c = check_conv3d_args(inputs, w, b, act, c10::nullopt);
+  check_rl_cout("conv3d_rl_multiply", c);
+  const bool has_e = e.has_value() && e->defined();
+  const at::Tensor ec = has_e ? check_rl_operand("conv3d_rl_multiply", "e", *e, c) : at::Tensor();
+  ConvRlParams ep;
+  ep.mode = kEpiMultiply, ep.offset = offset;
+  return run_conv3d_rl("conv3d_rl_multiply", c, ec, ep);
+}
+
 // Gradients of conv3d_forward. need: [each input..., weight, bias, skip]. Returns a flat list in
 // the same order; entries not needed are empty tensors.
 std::vector<at::Tensor> conv3d_backward(const at::Tensor& dy, const std::vector<at::Tensor>& inputs,
@@ -135,16 +202,16 @@ std::vector<at::Tensor> conv3d_backward(const at::Tensor& dy, const std::vector<
                                         const at::Tensor& preact, const std::vector<bool>& need) {
   ConvCall c = check_conv3d_args(inputs, w, b, act, skip);
   const size_t n_in = inputs.size();
-  TORCH_CHECK(need.size() == n_in + 3, "rln_fast.conv3d_backward: 'need' must have ", n_in + 3,
+  RLN_CHECK(need.size() == n_in + 3, "rln_fast.conv3d_backward: 'need' must have ", n_in + 3,
               " entries, got ", need.size());
   check_volume("conv3d_backward", "grad_out", dy);
   check_same("conv3d_backward", "grad_out", dy, c.w, "weight");
-  TORCH_CHECK(dy.size(0) == c.p.N && dy.size(1) == c.p.Cout && dy.size(2) == c.p.D &&
+  RLN_CHECK(dy.size(0) == c.p.N && dy.size(1) == c.p.Cout && dy.size(2) == c.p.D &&
                   dy.size(3) == c.p.H && dy.size(4) == c.p.W,
               "rln_fast.conv3d_backward: 'grad_out' must be (", c.p.N, ", ", c.p.Cout, ", ",
               c.p.D, ", ", c.p.H, ", ", c.p.W, "), got ", shape_str(dy));
   if (act == kActSoftplus)
-    TORCH_CHECK(preact.sizes() == dy.sizes(),
+    RLN_CHECK(preact.sizes() == dy.sizes(),
                 "rln_fast.conv3d_backward: the softplus gradient needs the saved pre-activation; "
                 "call conv3d with save_preact=True when gradients are required");
 #ifdef RLN_FAST_WITH_CUDA

@@ -24,16 +24,16 @@ void check_rl_args(const char* op, const char* a_name, const at::Tensor& a, cons
   check_volume(op, m_name, m);
   check_same(op, m_name, m, a, a_name);
   check_spatial(op, m_name, m, a, a_name);
-  TORCH_CHECK(a.size(1) == 1, "rln_fast.", op, ": '", a_name, "' must have 1 channel, got ",
+  RLN_CHECK(a.size(1) == 1, "rln_fast.", op, ": '", a_name, "' must have 1 channel, got ",
               a.size(1));
-  TORCH_CHECK(m.size(1) >= 1, "rln_fast.", op, ": '", m_name,
+  RLN_CHECK(m.size(1) >= 1, "rln_fast.", op, ": '", m_name,
               "' must have at least 1 channel, got 0");
   N = a.size(0), C = m.size(1), S = a.size(2) * a.size(3) * a.size(4);
 }
 
 #ifdef RLN_FAST_WITH_CUDA
 void check_cuda(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, "rln_fast.", op, ": CUDA launch failed: ", cudaGetErrorString(err));
+  RLN_CHECK(err == cudaSuccess, "rln_fast.", op, ": CUDA launch failed: ", cudaGetErrorString(err));
 }
 #define RLN_FAST_GUARD(t) \
   const c10::cuda::OptionalCUDAGuard guard((t).is_cuda() ? c10::make_optional((t).device()) : c10::nullopt)
@@ -78,7 +78,7 @@ std::vector<at::Tensor> rl_divide_backward(const at::Tensor& dy, const at::Tenso
   RlDivideParams p;
   check_rl_args("rl_divide_backward", "x", x, "fp", fp, p.N, p.C, p.S);
   check_same("rl_divide_backward", "grad_out", dy, x, "x");
-  TORCH_CHECK(dy.sizes() == x.sizes(), "rln_fast.rl_divide_backward: 'grad_out' must be ",
+  RLN_CHECK(dy.sizes() == x.sizes(), "rln_fast.rl_divide_backward: 'grad_out' must be ",
               shape_str(x), ", got ", shape_str(dy));
   p.eps = eps, p.scale = scale, p.shift = shift, p.paper = paper;
   RLN_FAST_GUARD(x);
@@ -133,7 +133,7 @@ std::vector<at::Tensor> rl_multiply_backward(const at::Tensor& dy, const at::Ten
   RlMultiplyParams p;
   check_rl_args("rl_multiply_backward", "e", e, "bp", bp, p.N, p.C, p.S);
   check_same("rl_multiply_backward", "grad_out", dy, e, "e");
-  TORCH_CHECK(dy.sizes() == e.sizes(), "rln_fast.rl_multiply_backward: 'grad_out' must be ",
+  RLN_CHECK(dy.sizes() == e.sizes(), "rln_fast.rl_multiply_backward: 'grad_out' must be ",
               shape_str(e), ", got ", shape_str(dy));
   p.offset = offset, p.paper = paper;
   RLN_FAST_GUARD(e);

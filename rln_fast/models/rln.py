@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -327,6 +328,20 @@ class RLN(nn.Module):
         )
 
     @classmethod
+    def from_pretrained(cls, name: str = "default") -> RLN:
+        """The model shipped in rln_fast/weights/<name>.pt (trained by rln_fast on synthetic
+        phantoms; rln_fast/weights/README.md is its model card). Nothing is downloaded."""
+        path = Path(__file__).resolve().parents[1] / "weights" / f"{name}.pt"
+        if not path.is_file():
+            shipped = sorted(p.stem for p in path.parent.glob("*.pt"))
+            raise FileNotFoundError(
+                f"RLN.from_pretrained: no shipped model {name!r} at {path} (shipped: {shipped or 'none'}); "
+                "pass a model you trained (RLN.load) or the released checkpoint "
+                "(RLN.from_official_checkpoint)"
+            )
+        return cls.load(path)
+
+    @classmethod
     def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> RLN:
         """Read a file written by RLN.save (weights_only: no code from the file runs)."""
         path = os.fspath(path)
@@ -436,8 +451,8 @@ class FusedRLN(nn.Module):
             )
         return super().train(False)
 
-    # The two pairs below are where conv3d_rl_divide / conv3d_rl_multiply slot in: the
-    # conv's output channels are only needed through their channel mean.
+    # FP + divide and BP + multiply: the conv's output channels are needed only through their
+    # channel mean, so without intermediates they run as one fused op each.
 
     def _fp_divide(
         self,
@@ -452,10 +467,10 @@ class FusedRLN(nn.Module):
         With want, also returns the FP channel mean and the pre-BN ratio.
         """
         w, b = getattr(self, f"w_{name}"), getattr(self, f"b_{name}")
+        if not want:  # FP's channels never reach memory
+            return ops.conv3d_rl_divide(inputs, w, b, "softplus", skip, skip, _DIV_EPS, *affine), {}
         fp = ops.conv3d(inputs, w, b, act="softplus", skip=skip)
         r = ops.rl_divide(skip, fp, eps=_DIV_EPS, scale=affine[0], shift=affine[1])
-        if not want:
-            return r, {}
         return r, {"FP": _mean_c(fp), "ratio": ops.rl_divide(skip, fp, eps=_DIV_EPS)}
 
     def _bp_multiply(
@@ -468,15 +483,87 @@ class FusedRLN(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """BP + update: e * (mean_c(SP(conv(inputs))) + offset), [N, 1, ...]; with want, also g."""
         w, b = getattr(self, f"w_{name}"), getattr(self, f"b_{name}")
+        if not want:  # BP's channels never reach memory
+            return ops.conv3d_rl_multiply(inputs, w, b, "softplus", e, offset), {}
         bp = ops.conv3d(inputs, w, b, act="softplus")
-        out = ops.rl_multiply(e, bp, offset=offset)
-        if not want:
-            return out, {}
-        return out, {"g": _mean_c(bp) + offset}
+        return ops.rl_multiply(e, bp, offset=offset), {"g": _mean_c(bp) + offset}
 
     def _conv_sp(self, inputs: torch.Tensor | list[torch.Tensor], name: str) -> torch.Tensor:
         return ops.conv3d(inputs, getattr(self, f"w_{name}"), getattr(self, f"b_{name}"),
                           act="softplus")
+
+    # Full-resolution multi-channel tensors (up, c1, d1, m1, m2) are the memory peak: without
+    # intermediates they live for one z-slab at a time. A chain of k convs needs k planes of
+    # halo; every kept plane is computed from exactly the inputs of an unsliced run, so the
+    # result is bitwise the same as one slab.
+    _MIN_SLAB_VOXELS = 1 << 24  # below this the volume is one slab
+
+    @staticmethod
+    def _slabs(depth: int, plane: int) -> list[tuple[int, int]]:
+        if depth * plane < FusedRLN._MIN_SLAB_VOXELS:
+            return [(0, depth)]
+        step = max(16, -(-depth // 4))
+        step += step % 2  # even slab starts keep the transposed conv's planes aligned
+        return [(z0, min(depth, z0 + step)) for z0 in range(0, depth, step)]
+
+    @staticmethod
+    def _run_slabs(out: torch.Tensor, slabs, halo: int, fn) -> torch.Tensor:
+        depth = out.shape[2]
+        for z0, z1 in slabs:
+            lo, hi = max(0, z0 - halo), min(depth, z1 + halo)
+            out[:, :, z0:z1] = fn(lo, hi)[:, :, z0 - lo:z1 - lo]
+        return out
+
+    def _forward_lean(self, x: torch.Tensor) -> torch.Tensor:
+        D, H, W = x.shape[2:]
+        slabs = self._slabs(D, H * W)
+        # H1 at half resolution (1/8 of the voxels).
+        xd = F.avg_pool3d(x, 2)
+        a1 = self._conv_sp(xd, "e1")
+        a2 = self._conv_sp(a1, "e2")
+        r1 = ops.conv3d_rl_divide([a1, a2], self.w_e3, self.b_e3, "softplus", xd, xd, _DIV_EPS, *self.t1)
+        del a1, a2, xd
+        b1 = self._conv_sp(r1, "e4")
+        b2 = self._conv_sp(b1, "e5")
+        b3 = self._conv_sp([b2, b1], "e6")
+        del r1, b1, b2
+        _, oh, ow = _output_padding(x)
+
+        def e1pre_slab(lo: int, hi: int) -> torch.Tensor:
+            # up planes [lo, hi) come from b3 planes [lo/2, ceil(hi/2)); lo is even.
+            pad_z = 1 if (hi == D and D % 2) else 0
+            up = _softplus(F.conv_transpose3d(b3[:, :, lo // 2:hi // 2], self.w_e7, self.b_e7,
+                                              stride=2, output_padding=(pad_z, oh, ow)))
+            return ops.conv3d_rl_multiply(up, self.w_e8, self.b_e8, "softplus", x[:, :, lo:hi], 0.0)
+
+        e1 = self._run_slabs(torch.empty_like(x), slabs, 2, e1pre_slab)
+        b3 = None  # frees the half-resolution features (the closure above is done with them)
+        e1 = _softplus(e1.mul_(self.t2[0]).add_(self.t2[1]))
+
+        # H2 at full resolution.
+        def r2_slab(lo: int, hi: int) -> torch.Tensor:
+            xs = x[:, :, lo:hi]
+            return ops.conv3d_rl_divide(self._conv_sp(xs, "u1"), self.w_u2, self.b_u2, "softplus",
+                                        xs, xs, _DIV_EPS, *self.t3)
+
+        r2 = self._run_slabs(torch.empty_like(x), slabs, 2, r2_slab)
+
+        def e2pre_slab(lo: int, hi: int) -> torch.Tensor:
+            return ops.conv3d_rl_multiply(self._conv_sp(r2[:, :, lo:hi], "u3"), self.w_u4,
+                                          self.b_u4, "softplus", e1[:, :, lo:hi], 1.0)
+
+        e2 = self._run_slabs(torch.empty_like(x), slabs, 2, e2pre_slab)
+        r2 = None  # frees the ratio volume
+        e2 = _softplus(e2.mul_(self.t4[0]).add_(self.t4[1]))
+
+        # H3, the merge: its output is the channel mean of m3, which never reaches memory.
+        def out_slab(lo: int, hi: int) -> torch.Tensor:
+            e2s, e1s = e2[:, :, lo:hi], e1[:, :, lo:hi]
+            m1 = ops.conv3d(e2s, self.w_u5, None, act="softplus")
+            m2 = ops.conv3d([m1, e2s, e1s], self.w_u6, None, act="softplus")
+            return ops.conv3d_rl_multiply([m1, m2], self.w_u7, self.b_u7, "softplus", None, 0.0)
+
+        return self._run_slabs(torch.empty_like(x), slabs, 3, out_slab)
 
     def forward(
         self, x: torch.Tensor, return_intermediates: bool = False
@@ -488,7 +575,9 @@ class FusedRLN(nn.Module):
             raise RuntimeError(
                 "FusedRLN is inference-only: x requires grad; use the RLN training form"
             )
-        want = return_intermediates
+        if not return_intermediates:
+            return self._forward_lean(x)
+        want = True
 
         xd = F.avg_pool3d(x, 2)
         a1 = self._conv_sp(xd, "e1")

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["softplus", "conv3d", "rl_divide", "rl_multiply"]
+__all__ = ["softplus", "conv3d", "rl_divide", "rl_multiply", "conv3d_rl_divide", "conv3d_rl_multiply"]
 
 
 def softplus(x: torch.Tensor) -> torch.Tensor:
@@ -95,3 +95,31 @@ def rl_multiply(
     if gradients == "paper":
         return _PaperMultiply.apply(e, g)
     return e * g
+
+
+def conv3d_rl_divide(
+    inputs: Sequence[torch.Tensor] | torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    act: str,
+    skip: torch.Tensor | None,
+    x: torch.Tensor,
+    eps: float = 1e-4,
+    scale: float = 1.0,
+    shift: float = 0.0,
+) -> torch.Tensor:
+    """rl_divide(x, conv3d(inputs, weight, bias, act, skip), eps, scale, shift): [N, 1, D, H, W]."""
+    return rl_divide(x, conv3d(inputs, weight, bias, act, skip), eps, scale, shift)
+
+
+def conv3d_rl_multiply(
+    inputs: Sequence[torch.Tensor] | torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    act: str,
+    e: torch.Tensor | None,
+    offset: float = 0.0,
+) -> torch.Tensor:
+    """rl_multiply(e, conv3d(inputs, weight, bias, act), offset): [N, 1, D, H, W]; e None reads as 1."""
+    y = conv3d(inputs, weight, bias, act)
+    return rl_multiply(torch.ones_like(y[:, :1]) if e is None else e, y, offset)

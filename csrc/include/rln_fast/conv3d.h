@@ -71,6 +71,31 @@ RLN_HD T conv3d_out_at(const Conv3dParams& p, const Conv3dPtrs<T>& q, int64_t n,
   return conv3d_out_from_preact(p, q, conv3d_preact_at(p, q, n, co, z, y, x), n, z, y, x);
 }
 
+// RL steps fused behind the conv (eval only): its channels reach only their mean, in registers.
+enum RlEpilogue : int { kEpiNone = 0, kEpiDivide = 1, kEpiMultiply = 2 };
+
+struct ConvRlParams {
+  int mode = kEpiNone;
+  double eps = 1e-4, scale = 1.0, shift = 0.0;  // divide: scale * a / (mean + eps) + shift
+  double offset = 0.0;                           // multiply: a * (mean + offset)
+};
+
+template <typename T>
+RLN_HD T rl_epilogue(const ConvRlParams& e, T mean, T a) {
+  return e.mode == kEpiDivide ? T(e.scale) * a / (mean + T(e.eps)) + T(e.shift)
+                              : a * (mean + T(e.offset));
+}
+
+// conv3d_rl_divide / conv3d_rl_multiply at one voxel: a is the [N, 1, D, H, W] operand; a null
+// `a` reads as 1 (multiply then gives the plain channel mean + offset, RLN's output layer).
+template <typename T>
+RLN_HD T conv3d_rl_out_at(const Conv3dParams& p, const Conv3dPtrs<T>& q, const ConvRlParams& e,
+                          const T* a, int64_t n, int64_t z, int64_t y, int64_t x) {
+  T sum = T(0);
+  for (int64_t co = 0; co < p.Cout; ++co) sum += conv3d_out_at(p, q, n, co, z, y, x);
+  return rl_epilogue(e, sum / T(p.Cout), a ? a[((n * p.D + z) * p.H + y) * p.W + x] : T(1));
+}
+
 // Weight gradient at one tap: sum over n and voxels of dz[n, co] * x[n, ci] shifted by the tap.
 template <typename T>
 RLN_HD T conv3d_wgrad_at(const Conv3dParams& p, const Conv3dPtrs<T>& q, const T* dz, int64_t co,

@@ -11,6 +11,11 @@ namespace cpu {
 template <typename T>
 void conv3d_forward(const Conv3dParams& p, const Conv3dPtrs<T>& q);
 
+// out [N, 1, D, H, W] = rl_epilogue(e, mean_c(act(conv + b) + softplus(skip)), a [N, 1, D, H, W]).
+template <typename T>
+void conv3d_rl_forward(const Conv3dParams& p, const Conv3dPtrs<T>& q, const ConvRlParams& e,
+                       const T* a);
+
 // dz [N, Cout, D, H, W] = dy * act'(preact); dskip [N, 1, D, H, W] = sigmoid(skip) * sum_co dy.
 // preact may be null when act is none; dskip may be null when not needed.
 template <typename T>
@@ -30,6 +35,40 @@ void rl_multiply_forward(const RlMultiplyParams& p, const T* e, const T* bp, T* 
 template <typename T>
 void rl_multiply_backward(const RlMultiplyParams& p, const T* dy, const T* e, const T* bp, T* de,
                           T* dbp);
+
+}  // namespace cpu
+}  // namespace rln_fast
+
+// Classic RL (csrc/cpu/rl_classic_cpu.cpp). rl_classic.h is included here, outside the
+// namespaces, to keep this an append.
+#include "rln_fast/rl_classic.h"
+
+namespace rln_fast {
+namespace cpu {
+
+// out [N, 1, D, H, W] = image [N, 1, d, h, w] / max(blurred + background, eps), 0 outside the
+// image's corner box; out may be blurred itself.
+template <typename T>
+void rl_ratio_forward(const RlRatioParams& p, const T* image, const T* blurred, T* out);
+
+// out [N, 1, D, H, W] = max(estimate * correction * w * tv_factor, clamp_min); out may be
+// correction itself. previous / change (or null): Biggs bookkeeping in place (see biggs_at);
+// dots[2] = {<g_k, g_k-1>, <g_k, g_k>} over the batch, zeros without change.
+template <typename T>
+void rl_update_forward(const RlUpdateParams& p, const T* estimate, const T* correction, T* out,
+                       T* previous, T* change, double* dots);
+
+// out [N, 1, d, h, w] = image / max(psf * estimate + background, eps); estimate [N, 1, D, H, W].
+template <typename T>
+void psf_conv_ratio_forward(const PsfConvParams& c, const T* image, const T* estimate, const T* psf,
+                            T* out);
+
+// out [N, 1, D, H, W] = the rl_update of estimate with correction psf^T * ratio, never stored;
+// previous / change / dots as in rl_update_forward. out must not be estimate or ratio.
+template <typename T>
+void psf_conv_update_forward(const PsfConvParams& c, const RlUpdateParams& p, const T* estimate,
+                             const T* ratio, const T* psf, T* out, T* previous, T* change,
+                             double* dots);
 
 }  // namespace cpu
 }  // namespace rln_fast
