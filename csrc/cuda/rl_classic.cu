@@ -53,6 +53,14 @@ __device__ __forceinline__ void block_sum2(double& a, double& b) {
   }
 }
 
+// The Biggs dot products of one block (<g_k, g_k-1>, <g_k-1, g_k-1>) into partials[2 * block].
+template <typename T>
+__device__ __forceinline__ void store_block_dots(T cross, T self, double* __restrict__ partials) {
+  double a = cross, b = self;
+  block_sum2(a, b);
+  if (threadIdx.x == 0) partials[2 * blockIdx.x] = a, partials[2 * blockIdx.x + 1] = b;
+}
+
 template <typename T, typename I>
 __global__ void rl_ratio_forward_kernel(const RlRatioParams p, const T* __restrict__ image,
                                         const T* blurred, T* out) {
@@ -84,11 +92,7 @@ __global__ void rl_update_forward_kernel(const RlUpdateParams p, const T* __rest
     out[i] = v;
     biggs_at(v, u, xk, g_old, previous, change, i, cross, self);
   }
-  if (change) {
-    double a = cross, b = self;
-    block_sum2(a, b);
-    if (threadIdx.x == 0) partials[2 * blockIdx.x] = a, partials[2 * blockIdx.x + 1] = b;
-  }
+  if (change) store_block_dots(cross, self, partials);
 }
 
 template <typename T, typename I>
@@ -120,11 +124,7 @@ __global__ void psf_conv_update_forward_kernel(const PsfConvParams c, const RlUp
     out[i] = v;
     biggs_at(v, u, xk, g_old, previous, change, i, cross, self);
   }
-  if (change) {
-    double a = cross, b = self;
-    block_sum2(a, b);
-    if (threadIdx.x == 0) partials[2 * blockIdx.x] = a, partials[2 * blockIdx.x + 1] = b;
-  }
+  if (change) store_block_dots(cross, self, partials);
 }
 
 // dots[0..1] = the sums of partials[2 b], partials[2 b + 1] over b < blocks, in a fixed order.
