@@ -202,58 +202,85 @@ void conv3d_act_backward(const Conv3dParams& p, const T* dy, const T* preact, co
   });
 }
 
+// Weight gradient. A task owns one input channel, kWgCo output channels and a range of z planes;
+// per row and (kz, ky) it keeps kWgCo x 3 (kx) accumulators in registers, so each shifted input
+// vector feeds kWgCo FMAs and each dz vector 3. Sums go to double once per plane; tasks are
+// summed in a fixed order, so the result does not depend on the thread count.
 template <typename T>
 void conv3d_wgrad(const Conv3dParams& p, const Conv3dPtrs<T>& q, const T* dz, T* dw) {
   using S = Simd<T>;
   using V = typename S::V;
-  constexpr int L = S::L;
+  constexpr int L = S::L, kWgCo = 4;
   const int64_t total = p.Cout * p.Cin * kConvTaps;
   if (p.N * p.D * p.H * p.W == 0) {
     std::fill(dw, dw + total, T(0));
     return;
   }
   const PaddedInput<T> xp = pad_input(p, q, L);
-  const int64_t Wv = p.W / L * L;
-  parallel_for(p.Cout * p.Cin, [&](int64_t pair) {
-    const int64_t co = pair / p.Cin, ci = pair % p.Cin;
-    double sum[kConvTaps] = {};
-    for (int64_t n = 0; n < p.N; ++n) {
-      for (int64_t z = 0; z < p.D; ++z) {
-        // Per-plane partial sums in T, folded into double per plane: accurate for large volumes.
-        V acc[kConvTaps];
-        T tail[kConvTaps];
-        for (int t = 0; t < kConvTaps; ++t) {
-          acc[t] = V{};
-          tail[t] = T(0);
-        }
-        for (int64_t y = 0; y < p.H; ++y) {
-          const T* d = dz + (((n * p.Cout + co) * p.D + z) * p.H + y) * p.W;
-          for (int kz = 0; kz < kConvK; ++kz) {
-            const int64_t zz = z + kz - 1;
-            if (zz < 0 || zz >= p.D) continue;
-            for (int ky = 0; ky < kConvK; ++ky) {
-              const int64_t yy = y + ky - 1;
-              if (yy < 0 || yy >= p.H) continue;
-              const T* row = xp.row(p, n, ci, zz, yy);
+  const int64_t Wv = p.W / L * L, groups = (p.Cout + kWgCo - 1) / kWgCo;
+  const int64_t planes = p.N * p.D;
+  const int64_t chunks = std::min<int64_t>(planes, std::max<int64_t>(1, 16 / (p.Cin * groups) + 1));
+  const int64_t tasks = p.Cin * groups * chunks;
+  std::vector<double> part(tasks * kWgCo * kConvTaps, 0.0);
+  parallel_for(tasks, [&](int64_t task) {
+    const int64_t chunk = task % chunks, cg = (task / chunks) % groups, ci = task / (chunks * groups);
+    const int nco = static_cast<int>(std::min<int64_t>(kWgCo, p.Cout - cg * kWgCo));
+    double* acc = part.data() + task * kWgCo * kConvTaps;  // [kWgCo][27]
+    const int64_t pb = planes * chunk / chunks, pe = planes * (chunk + 1) / chunks;
+    for (int64_t plane = pb; plane < pe; ++plane) {
+      const int64_t n = plane / p.D, z = plane % p.D;
+      // Vector sums over one plane (in T), folded into double once per plane.
+      V pv[kWgCo][kConvTaps] = {};
+      T pt[kWgCo][kConvTaps] = {};
+      for (int64_t y = 0; y < p.H; ++y) {
+        const T* d[kWgCo];
+        for (int c = 0; c < kWgCo; ++c)  // rows past Cout repeat the last one; never summed
+          d[c] = dz + (((n * p.Cout + cg * kWgCo + std::min(c, nco - 1)) * p.D + z) * p.H + y) * p.W;
+        for (int kz = 0; kz < kConvK; ++kz) {
+          const int64_t zz = z + kz - 1;
+          if (zz < 0 || zz >= p.D) continue;
+          for (int ky = 0; ky < kConvK; ++ky) {
+            const int64_t yy = y + ky - 1;
+            if (yy < 0 || yy >= p.H) continue;
+            const T* row = xp.row(p, n, ci, zz, yy);
+            V a[kWgCo][kConvK] = {};
+            T tail[kWgCo][kConvK] = {};
+            for (int64_t x = 0; x < Wv; x += L) {
+              V dv[kWgCo];
+              for (int c = 0; c < kWgCo; ++c) dv[c] = S::load(d[c] + x);
               for (int kx = 0; kx < kConvK; ++kx) {
-                const int t = kz * 9 + ky * 3 + kx;
-                V a = acc[t];
-                for (int64_t x = 0; x < Wv; x += L) a += S::load(d + x) * S::load(row + x + kx);
-                acc[t] = a;
-                for (int64_t x = Wv; x < p.W; ++x) tail[t] += d[x] * row[x + kx];
+                const V xv = S::load(row + x + kx);
+                for (int c = 0; c < kWgCo; ++c) a[c][kx] += dv[c] * xv;
               }
             }
+            for (int64_t x = Wv; x < p.W; ++x)
+              for (int kx = 0; kx < kConvK; ++kx)
+                for (int c = 0; c < kWgCo; ++c) tail[c][kx] += d[c][x] * row[x + kx];
+            for (int c = 0; c < kWgCo; ++c)
+              for (int kx = 0; kx < kConvK; ++kx) {
+                pv[c][kz * 9 + ky * 3 + kx] += a[c][kx];
+                pt[c][kz * 9 + ky * 3 + kx] += tail[c][kx];
+              }
           }
         }
-        for (int t = 0; t < kConvTaps; ++t) {
-          double s = tail[t];
-          for (int l = 0; l < L; ++l) s += acc[t][l];
-          sum[t] += s;
-        }
       }
+      for (int c = 0; c < nco; ++c)
+        for (int t = 0; t < kConvTaps; ++t) {
+          double sum = pt[c][t];
+          for (int l = 0; l < L; ++l) sum += pv[c][t][l];
+          acc[c * kConvTaps + t] += sum;
+        }
     }
-    for (int t = 0; t < kConvTaps; ++t) dw[pair * kConvTaps + t] = static_cast<T>(sum[t]);
   });
+  for (int64_t co = 0; co < p.Cout; ++co)
+    for (int64_t ci = 0; ci < p.Cin; ++ci)
+      for (int t = 0; t < kConvTaps; ++t) {
+        const int64_t cg = co / kWgCo, c = co % kWgCo;
+        double sum = 0.0;
+        for (int64_t chunk = 0; chunk < chunks; ++chunk)
+          sum += part[((ci * groups + cg) * chunks + chunk) * kWgCo * kConvTaps + c * kConvTaps + t];
+        dw[(co * p.Cin + ci) * kConvTaps + t] = static_cast<T>(sum);
+      }
 }
 
 #define RLN_FAST_INSTANTIATE(T)                                                                    \
