@@ -9,23 +9,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from rln_fast import ops
 
 from .conftest import median_time, rel_err, run_info
+from .plain_rln import LAYERS, plain_layer
 
 SHAPE = (64, 128, 128)
-# (inputs' channels, Cout, skip): e1/u1, u2, e3, e4/u3/u5, e5/u4, e6/u7, u6 of the fused RLN.
-LAYERS = [((1,), 4, False), ((4,), 4, True), ((4, 4), 4, True), ((1,), 8, False),
-          ((8,), 8, False), ((8, 8), 8, False), ((8, 1, 1), 8, False)]
-
-
-def plain_layer(xs, w, b, skip):
-    x = torch.cat(xs, 1) if len(xs) > 1 else xs[0]
-    y = F.softplus(F.conv3d(x, w, b, padding=1))
-    return y + F.softplus(skip) if skip is not None else y
-
 
 @pytest.mark.parametrize("chans,cout,has_skip", LAYERS,
                          ids=[f"{sum(c)}to{o}" for c, o, _ in LAYERS])

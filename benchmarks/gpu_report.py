@@ -15,15 +15,14 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from plain_rln import LAYERS, plain_copy, plain_layer  # noqa: E402
 
 import rln_fast  # noqa: E402
 from rln_fast import ops  # noqa: E402
-
-LAYERS = [((1,), 4, False), ((4,), 4, True), ((4, 4), 4, True), ((1,), 8, False),
-          ((8,), 8, False), ((8, 8), 8, False), ((8, 1, 1), 8, False)]
 
 
 def cuda_time(fn, reps: int = 20, warmup: int = 3) -> float:
@@ -45,12 +44,6 @@ def cuda_time(fn, reps: int = 20, warmup: int = 3) -> float:
 def rel_err(a, b) -> float:
     a, b = a.double(), b.double()
     return ((a - b).abs().max() / b.abs().max()).item()
-
-
-def plain_layer(xs, w, b, skip):
-    x = torch.cat(xs, 1) if len(xs) > 1 else xs[0]
-    y = F.softplus(F.conv3d(x, w, b, padding=1))
-    return y + F.softplus(skip) if skip is not None else y
 
 
 def bench_layer(chans, cout, has_skip, shape, reps) -> dict:
@@ -101,17 +94,9 @@ def _gvox(out, vox):
             out[f"{k}_gvox_per_s"] = vox / (out[f"{k}_ms"] / 1e3) / 1e9
 
 
-def _rln_models(checkpoint):
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from plain_rln import plain_copy
-
-    model, weights = _load_rln(checkpoint)
-    return model.eval(), plain_copy, weights
-
-
 def bench_rln(shape, reps, checkpoint):
-    model, plain_copy, weights = _rln_models(checkpoint)
-    fused_cpu = model.fuse()
+    model, weights = _load_rln(checkpoint)
+    fused_cpu = model.eval().fuse()
     out = {"shape": list(shape), "weights": weights}
     # Same output as the CPU path, on a small volume.
     small = torch.rand(1, 1, 24, 40, 56, generator=torch.Generator().manual_seed(1))
@@ -150,8 +135,8 @@ def bench_rln(shape, reps, checkpoint):
 
 def bench_rln_compile(shape, reps, checkpoint, fused_ms):
     """torch.compile of the plain RLN (default mode), timed after compiling once."""
-    model, plain_copy, _ = _rln_models(checkpoint)
-    plain = plain_copy(model.to("cuda"))
+    model, _ = _load_rln(checkpoint)
+    plain = plain_copy(model.eval().to("cuda"))
     x = torch.rand(1, 1, *shape, device="cuda", generator=torch.Generator("cuda").manual_seed(2))
     torch.backends.cudnn.allow_tf32 = False
     t0 = time.perf_counter()

@@ -1,4 +1,4 @@
-"""The RLN written as users would in plain PyTorch (F.conv3d, torch.cat, BatchNorm3d, softplus): the baseline."""
+"""Plain-PyTorch baselines: one RLN layer and the whole RLN as users write them (cat, F.conv3d, BN, softplus)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from rln_fast.models.rln import _BNS, _CONVS, _E7_SHAPE, RLN
+
+# (inputs' channels, Cout, skip) of the fused RLN's conv layers: e1/u1, u2, e3, e4/u3/u5, e5/u4,
+# e6/u7, u6.
+LAYERS = [((1,), 4, False), ((4,), 4, True), ((4, 4), 4, True), ((1,), 8, False),
+          ((8,), 8, False), ((8, 8), 8, False), ((8, 1, 1), 8, False)]
+
+
+def plain_layer(xs, w, b, skip):
+    """cat + F.conv3d + softplus (+ softplus(skip)): what one fused conv3d call replaces."""
+    x = torch.cat(xs, 1) if len(xs) > 1 else xs[0]
+    y = F.softplus(F.conv3d(x, w, b, padding=1))
+    return y + F.softplus(skip) if skip is not None else y
 
 
 class PlainRLN(nn.Module):

@@ -7,6 +7,11 @@
 #include <string>
 #include <type_traits>
 
+#ifdef RLN_FAST_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime.h>
+#endif
+
 namespace rln_fast {
 namespace detail {
 
@@ -38,11 +43,26 @@ template <class... A>
       ::rln_fast::detail::fail(__func__, __FILE__, static_cast<uint32_t>(__LINE__), __VA_ARGS__); \
   } while (0)
 
-inline std::string shape_str(const at::Tensor& t) {
+// "(a, b, c)" for sizes or strides.
+inline std::string dims_str(at::IntArrayRef dims) {
   std::string s = "(";
-  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));
+  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
   return s + ")";
 }
+
+inline std::string shape_str(const at::Tensor& t) { return dims_str(t.sizes()); }
+
+#ifdef RLN_FAST_WITH_CUDA
+inline void check_launch(cudaError_t err, const char* op) {
+  RLN_CHECK(err == cudaSuccess, "rln_fast.", op, ": CUDA launch failed: ", cudaGetErrorString(err));
+}
+// Kernels launch on the device of t (a no-op guard for CPU tensors).
+#define RLN_FAST_DEVICE_GUARD(t)                                                            \
+  const c10::cuda::OptionalCUDAGuard rln_fast_device_guard(                                 \
+      (t).is_cuda() ? c10::make_optional((t).device()) : c10::nullopt)
+#else
+#define RLN_FAST_DEVICE_GUARD(t)
+#endif
 
 inline void check_volume(const char* op, const char* arg, const at::Tensor& t) {
   RLN_CHECK(t.dim() == 5, "rln_fast.", op, ": '", arg, "' must be 5-D (N, C, D, H, W), got ",

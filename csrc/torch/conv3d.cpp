@@ -84,13 +84,6 @@ Conv3dPtrs<T> pointers(const ConvCall& c) {
   return q;
 }
 
-#ifdef RLN_FAST_WITH_CUDA
-void check_cuda(cudaError_t err, const char* what) {
-  RLN_CHECK(err == cudaSuccess, "rln_fast.", what, ": CUDA launch failed: ",
-              cudaGetErrorString(err));
-}
-#endif
-
 // Runs the forward conv of `c` into out (and preact if defined), on c's device.
 void run_forward(const ConvCall& c, at::Tensor& out, at::Tensor& preact) {
   AT_DISPATCH_FLOATING_TYPES(c.w.scalar_type(), "rln_fast.conv3d", [&] {
@@ -99,7 +92,7 @@ void run_forward(const ConvCall& c, at::Tensor& out, at::Tensor& preact) {
     q.preact = preact.defined() ? preact.data_ptr<scalar_t>() : nullptr;
     if (out.is_cuda()) {
 #ifdef RLN_FAST_WITH_CUDA
-      check_cuda(cuda::launch_conv3d_forward(c.p, q, at::cuda::getCurrentCUDAStream()),
+      check_launch(cuda::launch_conv3d_forward(c.p, q, at::cuda::getCurrentCUDAStream()),
                  "conv3d");
 #endif
     } else {
@@ -116,10 +109,7 @@ std::vector<at::Tensor> conv3d_forward(const std::vector<at::Tensor>& inputs, co
                                        const c10::optional<at::Tensor>& b, int64_t act,
                                        const c10::optional<at::Tensor>& skip, bool save_preact) {
   ConvCall c = check_conv3d_args(inputs, w, b, act, skip);
-#ifdef RLN_FAST_WITH_CUDA
-  const c10::cuda::OptionalCUDAGuard guard(c.w.is_cuda() ? c10::make_optional(c.w.device())
-                                                          : c10::nullopt);
-#endif
+  RLN_FAST_DEVICE_GUARD(c.w);
   const auto opts = c.w.options();
   at::Tensor out = at::empty({c.p.N, c.p.Cout, c.p.D, c.p.H, c.p.W}, opts);
   at::Tensor preact = save_preact ? at::empty_like(out) : at::Tensor();
@@ -145,17 +135,14 @@ void check_rl_cout(const char* op, const ConvCall& c) {
 }
 
 at::Tensor run_conv3d_rl(const char* op, ConvCall& c, const at::Tensor& a, const ConvRlParams& e) {
-#ifdef RLN_FAST_WITH_CUDA
-  const c10::cuda::OptionalCUDAGuard guard(c.w.is_cuda() ? c10::make_optional(c.w.device())
-                                                          : c10::nullopt);
-#endif
+  RLN_FAST_DEVICE_GUARD(c.w);
   at::Tensor out = at::empty({c.p.N, 1, c.p.D, c.p.H, c.p.W}, c.w.options());
   AT_DISPATCH_FLOATING_TYPES(c.w.scalar_type(), "rln_fast.conv3d_rl", [&] {
     Conv3dPtrs<scalar_t> q = pointers<scalar_t>(c);
     q.out = out.data_ptr<scalar_t>();
     if (out.is_cuda()) {
 #ifdef RLN_FAST_WITH_CUDA
-      check_cuda(cuda::launch_conv3d_rl_forward(c.p, q, e, a.defined() ? a.data_ptr<scalar_t>() : nullptr,
+      check_launch(cuda::launch_conv3d_rl_forward(c.p, q, e, a.defined() ? a.data_ptr<scalar_t>() : nullptr,
                                                 at::cuda::getCurrentCUDAStream()),
                  op);
 #endif
@@ -214,10 +201,7 @@ std::vector<at::Tensor> conv3d_backward(const at::Tensor& dy, const std::vector<
     RLN_CHECK(preact.sizes() == dy.sizes(),
                 "rln_fast.conv3d_backward: the softplus gradient needs the saved pre-activation; "
                 "call conv3d with save_preact=True when gradients are required");
-#ifdef RLN_FAST_WITH_CUDA
-  const c10::cuda::OptionalCUDAGuard guard(c.w.is_cuda() ? c10::make_optional(c.w.device())
-                                                          : c10::nullopt);
-#endif
+  RLN_FAST_DEVICE_GUARD(c.w);
   const auto opts = c.w.options();
   const at::Tensor g = dy.contiguous();
   const at::Tensor pre = act == kActSoftplus ? preact.contiguous() : at::Tensor();
@@ -230,7 +214,7 @@ std::vector<at::Tensor> conv3d_backward(const at::Tensor& dy, const std::vector<
     scalar_t* ds = need_skip ? dskip.data_ptr<scalar_t>() : nullptr;
     if (g.is_cuda()) {
 #ifdef RLN_FAST_WITH_CUDA
-      check_cuda(cuda::launch_conv3d_act_backward(c.p, g.data_ptr<scalar_t>(), pp, sk,
+      check_launch(cuda::launch_conv3d_act_backward(c.p, g.data_ptr<scalar_t>(), pp, sk,
                                                   dz.data_ptr<scalar_t>(), ds,
                                                   at::cuda::getCurrentCUDAStream()),
                  "conv3d_backward");
@@ -270,7 +254,7 @@ std::vector<at::Tensor> conv3d_backward(const at::Tensor& dy, const std::vector<
 #ifdef RLN_FAST_WITH_CUDA
         at::Tensor ws = at::empty({static_cast<int64_t>(cuda::conv3d_wgrad_workspace<scalar_t>(c.p))},
                                   opts);
-        check_cuda(cuda::launch_conv3d_wgrad(c.p, q, dz.data_ptr<scalar_t>(),
+        check_launch(cuda::launch_conv3d_wgrad(c.p, q, dz.data_ptr<scalar_t>(),
                                              dw.data_ptr<scalar_t>(), ws.data_ptr<scalar_t>(),
                                              at::cuda::getCurrentCUDAStream()),
                    "conv3d_backward");

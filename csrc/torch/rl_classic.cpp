@@ -30,21 +30,6 @@ std::string num_str(double v) {
   return buf;
 }
 
-std::string strides_str(const at::Tensor& t) {
-  std::string s = "(";
-  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + std::to_string(t.stride(i));
-  return s + ")";
-}
-
-#ifdef RLN_FAST_WITH_CUDA
-void check_launch(cudaError_t err, const char* op) {
-  RLN_CHECK(err == cudaSuccess, "rln_fast.", op, ": CUDA launch failed: ", cudaGetErrorString(err));
-}
-#define RLN_FAST_CLASSIC_GUARD(t) \
-  const c10::cuda::OptionalCUDAGuard guard((t).is_cuda() ? c10::make_optional((t).device()) : c10::nullopt)
-#else
-#define RLN_FAST_CLASSIC_GUARD(t)
-#endif
 
 // A [N, 1, D, H, W] volume of a floating dtype on a supported device.
 void check_single(const char* op, const char* arg, const at::Tensor& t) {
@@ -67,7 +52,7 @@ void check_output(const char* op, const char* arg, const at::Tensor& t, const at
                   const char* ref_arg) {
   check_like(op, arg, t, ref, ref_arg);
   RLN_CHECK(t.is_contiguous(), "rln_fast.", op, ": '", arg,
-              "' must be contiguous (it is written in place), got strides ", strides_str(t));
+              "' must be contiguous (it is written in place), got strides ", dims_str(t.strides()));
 }
 
 // Written tensors must not overlap tensors read elsewhere than at the same voxel.
@@ -188,7 +173,7 @@ at::Tensor rl_ratio_forward(const at::Tensor& image, const at::Tensor& blurred, 
     check_no_overlap(op, "out", *out, "image", image);
     o = *out;
   }
-  RLN_FAST_CLASSIC_GUARD(blurred);
+  RLN_FAST_DEVICE_GUARD(blurred);
   const at::Tensor ic = image.contiguous();
   const at::Tensor bc = out.has_value() && out->is_same(blurred) ? blurred : blurred.contiguous();
   if (!o.defined()) o = at::empty_like(bc, at::MemoryFormat::Contiguous);
@@ -226,7 +211,7 @@ std::vector<at::Tensor> rl_update_forward(const at::Tensor& estimate, const at::
   check_like(op, "correction", correction, estimate, "estimate");
   check_tv(op, tv, tv_eps, clamp_min);
   check_update_outputs(op, estimate, out, previous, change, &correction);
-  RLN_FAST_CLASSIC_GUARD(estimate);
+  RLN_FAST_DEVICE_GUARD(estimate);
   at::Tensor table_c, bounds_c;
   RlUpdateParams p;
   p.weights = check_weights(op, weight_table, weight_bounds, weight_threshold, estimate, table_c,
@@ -303,7 +288,7 @@ at::Tensor psf_conv_ratio_forward(const at::Tensor& image, const at::Tensor& est
   check_finite(op, "background", background);
   check_positive(op, "eps", eps);
   c.background = background, c.eps = eps;
-  RLN_FAST_CLASSIC_GUARD(estimate);
+  RLN_FAST_DEVICE_GUARD(estimate);
   const at::Tensor ic = image.contiguous(), ec = estimate.contiguous(), kc = psf.contiguous();
   at::Tensor o = at::empty_like(ic, at::MemoryFormat::Contiguous);
   if (o.numel() == 0) return o;
@@ -341,7 +326,7 @@ std::vector<at::Tensor> psf_conv_update_forward(const at::Tensor& estimate, cons
   if (out.has_value()) check_no_overlap(op, "out", *out, "ratio", ratio);
   if (previous.has_value()) check_no_overlap(op, "previous", *previous, "ratio", ratio);
   if (change.has_value()) check_no_overlap(op, "change", *change, "ratio", ratio);
-  RLN_FAST_CLASSIC_GUARD(estimate);
+  RLN_FAST_DEVICE_GUARD(estimate);
   at::Tensor table_c, bounds_c;
   RlUpdateParams p;
   p.weights = check_weights(op, weight_table, weight_bounds, weight_threshold, estimate, table_c,

@@ -31,16 +31,6 @@ void check_rl_args(const char* op, const char* a_name, const at::Tensor& a, cons
   N = a.size(0), C = m.size(1), S = a.size(2) * a.size(3) * a.size(4);
 }
 
-#ifdef RLN_FAST_WITH_CUDA
-void check_cuda(cudaError_t err, const char* op) {
-  RLN_CHECK(err == cudaSuccess, "rln_fast.", op, ": CUDA launch failed: ", cudaGetErrorString(err));
-}
-#define RLN_FAST_GUARD(t) \
-  const c10::cuda::OptionalCUDAGuard guard((t).is_cuda() ? c10::make_optional((t).device()) : c10::nullopt)
-#else
-#define RLN_FAST_GUARD(t)
-#endif
-
 template <typename T>
 T* ptr_or_null(at::Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
@@ -53,13 +43,13 @@ at::Tensor rl_divide_forward(const at::Tensor& x, const at::Tensor& fp, double e
   RlDivideParams p;
   check_rl_args("rl_divide", "x", x, "fp", fp, p.N, p.C, p.S);
   p.eps = eps, p.scale = scale, p.shift = shift;
-  RLN_FAST_GUARD(x);
+  RLN_FAST_DEVICE_GUARD(x);
   const at::Tensor xc = x.contiguous(), fc = fp.contiguous();
   at::Tensor out = at::empty_like(xc);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rln_fast.rl_divide", [&] {
     if (x.is_cuda()) {
 #ifdef RLN_FAST_WITH_CUDA
-      check_cuda(cuda::launch_rl_divide_forward(p, xc.data_ptr<scalar_t>(), fc.data_ptr<scalar_t>(),
+      check_launch(cuda::launch_rl_divide_forward(p, xc.data_ptr<scalar_t>(), fc.data_ptr<scalar_t>(),
                                                 out.data_ptr<scalar_t>(),
                                                 at::cuda::getCurrentCUDAStream()),
                  "rl_divide");
@@ -81,14 +71,14 @@ std::vector<at::Tensor> rl_divide_backward(const at::Tensor& dy, const at::Tenso
   RLN_CHECK(dy.sizes() == x.sizes(), "rln_fast.rl_divide_backward: 'grad_out' must be ",
               shape_str(x), ", got ", shape_str(dy));
   p.eps = eps, p.scale = scale, p.shift = shift, p.paper = paper;
-  RLN_FAST_GUARD(x);
+  RLN_FAST_DEVICE_GUARD(x);
   const at::Tensor g = dy.contiguous(), xc = x.contiguous(), fc = fp.contiguous();
   at::Tensor dx = need_x ? at::empty_like(xc) : at::Tensor();
   at::Tensor dfp = need_fp ? at::empty_like(fc) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rln_fast.rl_divide_backward", [&] {
     if (x.is_cuda()) {
 #ifdef RLN_FAST_WITH_CUDA
-      check_cuda(cuda::launch_rl_divide_backward(
+      check_launch(cuda::launch_rl_divide_backward(
                      p, g.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), fc.data_ptr<scalar_t>(),
                      ptr_or_null<scalar_t>(dx), ptr_or_null<scalar_t>(dfp),
                      at::cuda::getCurrentCUDAStream()),
@@ -108,13 +98,13 @@ at::Tensor rl_multiply_forward(const at::Tensor& e, const at::Tensor& bp, double
   RlMultiplyParams p;
   check_rl_args("rl_multiply", "e", e, "bp", bp, p.N, p.C, p.S);
   p.offset = offset;
-  RLN_FAST_GUARD(e);
+  RLN_FAST_DEVICE_GUARD(e);
   const at::Tensor ec = e.contiguous(), bc = bp.contiguous();
   at::Tensor out = at::empty_like(ec);
   AT_DISPATCH_FLOATING_TYPES(e.scalar_type(), "rln_fast.rl_multiply", [&] {
     if (e.is_cuda()) {
 #ifdef RLN_FAST_WITH_CUDA
-      check_cuda(cuda::launch_rl_multiply_forward(p, ec.data_ptr<scalar_t>(),
+      check_launch(cuda::launch_rl_multiply_forward(p, ec.data_ptr<scalar_t>(),
                                                   bc.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                                                   at::cuda::getCurrentCUDAStream()),
                  "rl_multiply");
@@ -136,14 +126,14 @@ std::vector<at::Tensor> rl_multiply_backward(const at::Tensor& dy, const at::Ten
   RLN_CHECK(dy.sizes() == e.sizes(), "rln_fast.rl_multiply_backward: 'grad_out' must be ",
               shape_str(e), ", got ", shape_str(dy));
   p.offset = offset, p.paper = paper;
-  RLN_FAST_GUARD(e);
+  RLN_FAST_DEVICE_GUARD(e);
   const at::Tensor g = dy.contiguous(), ec = e.contiguous(), bc = bp.contiguous();
   at::Tensor de = need_e ? at::empty_like(ec) : at::Tensor();
   at::Tensor dbp = need_bp ? at::empty_like(bc) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(e.scalar_type(), "rln_fast.rl_multiply_backward", [&] {
     if (e.is_cuda()) {
 #ifdef RLN_FAST_WITH_CUDA
-      check_cuda(cuda::launch_rl_multiply_backward(
+      check_launch(cuda::launch_rl_multiply_backward(
                      p, g.data_ptr<scalar_t>(), ec.data_ptr<scalar_t>(), bc.data_ptr<scalar_t>(),
                      ptr_or_null<scalar_t>(de), ptr_or_null<scalar_t>(dbp),
                      at::cuda::getCurrentCUDAStream()),

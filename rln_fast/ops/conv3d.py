@@ -104,6 +104,16 @@ def _backward(ctx, grad_out, _grad_preact):
 _conv3d.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _as_inputs(op: str, inputs, act: str) -> list[torch.Tensor]:
+    """The inputs as a non-empty list, and `act` checked: shared by the conv3d-based ops."""
+    inputs = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
+    if act not in _ACTS:
+        raise ValueError(f"rln_fast.{op}: 'act' must be one of {sorted(_ACTS)}, got {act!r}")
+    if not inputs:
+        raise ValueError(f"rln_fast.{op}: 'inputs' must hold 1 to 4 tensors, got 0")
+    return inputs
+
+
 def conv3d(
     inputs: Sequence[torch.Tensor] | torch.Tensor,
     weight: torch.Tensor,
@@ -118,13 +128,7 @@ def conv3d(
         act: "none" or "softplus"; skip [N, 1, D, H, W] adds softplus(skip) to every output
         channel after the activation. Returns [N, Cout, D, H, W].
     """
-    if isinstance(inputs, torch.Tensor):
-        inputs = [inputs]
-    inputs = list(inputs)
-    if act not in _ACTS:
-        raise ValueError(f"rln_fast.conv3d: 'act' must be one of {sorted(_ACTS)}, got {act!r}")
-    if not inputs:
-        raise ValueError("rln_fast.conv3d: 'inputs' must hold 1 to 4 tensors, got 0")
+    inputs = _as_inputs("conv3d", inputs, act)
     if _backend.use_reference("conv3d", inputs[0].device):
         return reference.conv3d(inputs, weight, bias, act, skip)
     needs_grad = torch.is_grad_enabled() and any(

@@ -12,7 +12,7 @@ import torch
 
 from .. import _backend
 from . import reference
-from .conv3d import _ACTS, _check
+from .conv3d import _ACTS, _as_inputs, _check
 
 
 def _check_operand(op, name, a, weight):
@@ -54,11 +54,7 @@ def _(inputs, weight, bias, act, e, offset):
 
 
 def _prepare(op: str, inputs, act: str, tensors) -> list[torch.Tensor]:
-    inputs = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
-    if act not in _ACTS:
-        raise ValueError(f"rln_fast.{op}: 'act' must be one of {sorted(_ACTS)}, got {act!r}")
-    if not inputs:
-        raise ValueError(f"rln_fast.{op}: 'inputs' must hold 1 to 4 tensors, got 0")
+    inputs = _as_inputs(op, inputs, act)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*inputs, *tensors)):
         raise RuntimeError(f"rln_fast.{op} is inference-only (no backward): use conv3d followed "
                            f"by {op.removeprefix('conv3d_')} for training, or call it under "
