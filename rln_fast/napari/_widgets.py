@@ -1,0 +1,446 @@
+"""napari dock widgets: Richardson–Lucy, RLN and PSF generation, each run in a thread worker.
+
+Every widget works on ``napari.layers.Image`` layers, so the layer's ``scale`` (last three
+entries, (z, y, x) in µm) prefills the voxel size; the fields stay editable, and the result
+layer gets those voxel sizes and the input's ``translate``. Arguments are read and checked in
+the GUI thread; the computation runs in a napari thread worker; results, warnings and errors
+come back to the GUI thread as signals and become a layer or a napari notification.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from magicgui.widgets import (
+    ComboBox,
+    Container,
+    FileEdit,
+    FloatSpinBox,
+    Label,
+    ProgressBar,
+    PushButton,
+    SpinBox,
+)
+from napari.layers import Image
+from napari.qt.threading import create_worker
+from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtCore import QObject, Signal
+
+if TYPE_CHECKING:
+    import napari
+
+__all__ = ["RichardsonLucyWidget", "RLNWidget", "PSFWidget"]
+
+_GENERATE = "generate"  # the RL widget's PSF choice that means "Born–Wolf from the optics fields"
+_DEFAULT_MODEL = "default (shipped)"
+_MODEL_FILE = "model file"
+_PSF_MODELS = ("born_wolf", "gibson_lanni", "gaussian", "confocal")
+_PSF_MAX_SIDE = 129  # generated RL PSFs: at most this many voxels a side
+
+
+def _devices() -> list[str]:
+    import torch
+
+    return ["auto", "cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _resolve_device(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rl_psf_shape(image_shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """Grid of the PSF the RL widget generates: about half the image, odd sides, <= 129 voxels.
+
+    Half the image (the demo's proportions) holds the widefield PSF's out-of-focus cone over
+    the depth that matters, while the Bertero work volume (image + PSF − 1) stays ≤ 1.5× per
+    axis; odd sides put the peak on the centre voxel.
+    """
+    out = []
+    for n in image_shape:
+        side = min(n // 2 + 1, _PSF_MAX_SIDE)
+        out.append(side if side % 2 else side - 1)
+    return tuple(out)  # type: ignore[return-value]
+
+
+def _image_3d(layer: Image | None, who: str) -> Any:
+    """The layer's full-resolution data, checked to be a 3-D (z, y, x) intensity image."""
+    if layer is None:
+        raise ValueError(f"{who}: choose an image layer (open a 3-D stack first)")
+    if getattr(layer, "rgb", False):
+        raise ValueError(f"{who}: layer {layer.name!r} is RGB; choose a 3-D (z, y, x) "
+                         "single-channel image (split the channels first)")
+    data = layer.data[0] if layer.multiscale else layer.data
+    if data.ndim != 3:
+        raise ValueError(f"{who}: layer {layer.name!r} is {data.ndim}-D with shape "
+                         f"{tuple(data.shape)}; choose a 3-D (z, y, x) image layer")
+    return data
+
+
+def _float_box(label: str, value: float, lo: float, hi: float, step: float, tip: str) -> FloatSpinBox:
+    return FloatSpinBox(label=label, value=value, min=lo, max=hi, step=step, tooltip=tip)
+
+
+class _Relay(QObject):
+    """Carries per-iteration progress from the worker thread to the GUI thread (queued)."""
+
+    step = Signal(int)
+
+
+@dataclass
+class _Job:
+    """One run: ``compute(should_stop, report)`` in the worker, ``finish(result)`` in the GUI.
+
+    total: progress steps (``report(i)`` for i = 1..total), or None for a busy bar.
+    """
+
+    title: str
+    compute: Callable[[Callable[[], bool], Callable[[int], None]], Any]
+    finish: Callable[[Any], None]
+    total: int | None = None
+
+
+class _Panel(Container):
+    """An image-layer picker with its voxel size, Run/Cancel, a progress bar and a worker.
+
+    Subclasses add their fields and implement ``_prepare() -> _Job`` (GUI thread; raise
+    ValueError for bad settings).
+    """
+
+    title = ""
+
+    def __init__(self, viewer: napari.viewer.Viewer, *, layer_label: str = "image",
+                 layer_optional: bool = False) -> None:
+        super().__init__(labels=True)
+        self._viewer = viewer
+        self._worker: Any = None
+        self._relay = _Relay()
+        self._relay.step.connect(self._on_step)
+        self.image = ComboBox(label=layer_label, choices=self._layer_choices,
+                              nullable=layer_optional)
+        tip = "voxel size in µm, prefilled from the layer's scale (last three entries)"
+        self.dz = _float_box("dz (µm)", 1.0, 1e-4, 1e4, 0.001, tip)
+        self.dy = _float_box("dy (µm)", 1.0, 1e-4, 1e4, 0.001, tip)
+        self.dx = _float_box("dx (µm)", 1.0, 1e-4, 1e4, 0.001, tip)
+        self.run_button = PushButton(text="Run")
+        self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.progress = ProgressBar(min=0, max=1, value=0, label="progress")
+        self.status = Label(label="status", value="idle")
+        self.image.changed.connect(self._fill_voxel_size)
+        self.run_button.changed.connect(self.run)
+        self.cancel_button.changed.connect(self.cancel)
+        events = viewer.layers.events
+        for ev in (events.inserted, events.removed, events.moved):
+            ev.connect(self._on_layers_changed)
+
+    def _add_controls(self, *fields: Any) -> None:
+        """Lays out: layer picker, voxel size, ``fields``, Run/Cancel, progress, status."""
+        buttons = Container(layout="horizontal", labels=False,
+                            widgets=[self.run_button, self.cancel_button])
+        self.extend([self.image, self.dz, self.dy, self.dx, *fields, buttons, self.progress,
+                     self.status])
+        layers = self._layer_choices()
+        if self.image.value is None and layers:  # an optional picker starts empty: preselect
+            self.image.value = layers[0][1]
+        self._fill_voxel_size(self.image.value)
+
+    # ------------------------------------------------------------------ layers
+
+    def _layer_choices(self, _widget: Any = None) -> list[tuple[str, Image]]:
+        return [(layer.name, layer) for layer in self._viewer.layers if isinstance(layer, Image)]
+
+    def _on_layers_changed(self, _event: Any = None) -> None:
+        self.reset_choices()
+
+    def _fill_voxel_size(self, layer: Image | None) -> None:
+        if layer is None or layer.ndim < 3:
+            return
+        self.dz.value, self.dy.value, self.dx.value = (float(s) for s in layer.scale[-3:])
+
+    @property
+    def voxel_size(self) -> tuple[float, float, float]:
+        """(dz, dy, dx) in µm, as shown in the fields."""
+        return (float(self.dz.value), float(self.dy.value), float(self.dx.value))
+
+    # ------------------------------------------------------------------ running
+
+    @property
+    def running(self) -> bool:
+        """Whether a worker is running (until its ``finished`` signal reaches the GUI)."""
+        return self._worker is not None
+
+    def _prepare(self) -> _Job:
+        raise NotImplementedError
+
+    def run(self, _value: Any = None) -> None:
+        """Reads the fields, then starts the computation in a thread worker."""
+        if self.running:
+            return
+        try:
+            job = self._prepare()
+        except (ValueError, TypeError, FileNotFoundError) as e:
+            show_error(str(e))
+            return
+
+        def work() -> Any:
+            return job.compute(lambda: worker.abort_requested, self._relay.step.emit)
+
+        # Errors are not re-raised in the GUI thread: they become a notification (_on_error).
+        worker = create_worker(work, _start_thread=False, _ignore_errors=True)
+        worker.returned.connect(lambda result: self._on_returned(worker, job, result))
+        worker.errored.connect(lambda exc: show_error(f"{job.title}: {exc}"))
+        worker.warned.connect(lambda w: show_warning(f"{job.title}: {w[0]}"))
+        worker.finished.connect(self._on_finished)
+        self._worker = worker
+        self.run_button.enabled = False
+        self.cancel_button.enabled = True
+        # max 0 is Qt's busy indicator: for work that has no steps to count.
+        self.progress.max = job.total or 0
+        self.progress.value = 0
+        self.status.value = f"running {job.title}…"
+        worker.start()
+
+    def cancel(self, _value: Any = None) -> None:
+        """Asks the worker to stop; whatever it returns afterwards is discarded."""
+        if self._worker is None:
+            return
+        self._worker.quit()
+        self.cancel_button.enabled = False
+        self.status.value = "cancelling…"
+
+    def _on_step(self, i: int) -> None:
+        if self.progress.max:
+            self.progress.value = min(i, self.progress.max)
+
+    def _on_returned(self, worker: Any, job: _Job, result: Any) -> None:
+        # A result queued just before Cancel was pressed arrives after it: drop it too.
+        if worker.abort_requested:
+            return
+        job.finish(result)
+
+    def _on_finished(self) -> None:
+        cancelled = self._worker is not None and self._worker.abort_requested
+        self._worker = None
+        self.run_button.enabled = True
+        self.cancel_button.enabled = False
+        self.progress.max = 1
+        self.progress.value = 0 if cancelled else 1
+        self.status.value = "cancelled" if cancelled else "done"
+        if cancelled:
+            show_info(f"{self.title}: cancelled, no layer added")
+
+    def _add_result(self, data: np.ndarray, source: Image | None, name: str, **kwargs: Any) -> None:
+        if source is not None:
+            kwargs.setdefault("translate", tuple(source.translate))
+        self._viewer.add_image(data, name=name, scale=self.voxel_size, **kwargs)
+
+
+class RichardsonLucyWidget(_Panel):
+    """Richardson–Lucy deconvolution of a 3-D image layer (``rln_fast.richardson_lucy``).
+
+    PSF: an image layer (used as it is when its scale equals the image's voxel size, else
+    resampled onto the image grid by ``rln_fast.psf.prepare`` without background subtraction),
+    or a widefield Born–Wolf PSF generated from NA, emission wavelength and immersion index
+    on the grid of ``rl_psf_shape``. Cancel stops after the current iteration; nothing is added.
+    """
+
+    title = "Richardson–Lucy"
+
+    def __init__(self, viewer: napari.viewer.Viewer) -> None:
+        super().__init__(viewer)
+        self.psf = ComboBox(label="PSF", choices=self._psf_choices,
+                            tooltip="a PSF image layer, or generate a widefield Born–Wolf PSF")
+        self.na = _float_box("NA", 1.4, 0.05, 1.7, 0.01, "numerical aperture")
+        self.wavelength = _float_box("λ em (µm)", 0.52, 0.2, 2.0, 0.001,
+                                     "emission wavelength in µm")
+        self.ni = _float_box("n immersion", 1.515, 1.0, 2.0, 0.001,
+                             "refractive index of the immersion medium")
+        self.iterations = SpinBox(label="iterations", value=20, min=1, max=10000)
+        self.acceleration = ComboBox(label="acceleration", choices=["biggs", "none"],
+                                     value="biggs")
+        self.edges = ComboBox(label="edges", choices=["bertero", "periodic", "reflect"],
+                              value="bertero")
+        self.device = ComboBox(label="device", choices=_devices(), value="auto")
+        self.psf.changed.connect(self._show_optics)
+        self._add_controls(self.psf, self.na, self.wavelength, self.ni, self.iterations,
+                           self.acceleration, self.edges, self.device)
+        self._show_optics(self.psf.value)
+
+    def _psf_choices(self, _widget: Any = None) -> list[tuple[str, Any]]:
+        return [("generate (Born–Wolf)", _GENERATE), *self._layer_choices()]
+
+    def _show_optics(self, value: Any) -> None:
+        for w in (self.na, self.wavelength, self.ni):
+            w.visible = value == _GENERATE
+
+    def _prepare(self) -> _Job:
+        from rln_fast import psf as psf_models
+        from rln_fast import richardson_lucy
+
+        layer = self.image.value
+        data = _image_3d(layer, self.title)
+        voxel = self.voxel_size
+        psf_choice = self.psf.value
+        if psf_choice == _GENERATE:
+            shape = rl_psf_shape(tuple(data.shape))
+            optics = {"na": float(self.na.value), "wavelength": float(self.wavelength.value),
+                      "ni": float(self.ni.value)}
+
+            def make_psf() -> np.ndarray:
+                return psf_models.born_wolf(shape, voxel, **optics)
+        else:
+            psf_data = np.asarray(_image_3d(psf_choice, f"{self.title} PSF"))
+            psf_voxel = tuple(float(s) for s in psf_choice.scale[-3:])
+
+            def make_psf() -> np.ndarray:
+                if np.allclose(psf_voxel, voxel, rtol=1e-6, atol=0):
+                    return psf_data
+                return psf_models.prepare(psf_data, psf_voxel, voxel, background=None,
+                                          image_shape=tuple(data.shape))
+
+        num_iter = int(self.iterations.value)
+        options = {"acceleration": None if self.acceleration.value == "none"
+                   else self.acceleration.value,
+                   "edges": self.edges.value, "device": _resolve_device(self.device.value)}
+
+        def compute(should_stop: Callable[[], bool], report: Callable[[int], None]) -> np.ndarray:
+            def callback(i: int, _estimate: Any) -> bool:
+                report(i)
+                return should_stop()
+
+            return richardson_lucy(np.asarray(data), make_psf(), num_iter, callback=callback,
+                                   progress=False, **options)
+
+        name = f"{layer.name} RL {num_iter} it"
+        return _Job(self.title, compute, lambda y: self._add_result(y, layer, name), num_iter)
+
+
+class RLNWidget(_Panel):
+    """RLN deconvolution of a 3-D image layer (``rln_fast.rln_deconvolve``).
+
+    Model: the shipped default (trained for widefield data near (0.3, 0.13, 0.13) µm; see
+    rln_fast/weights/README.md) or a file written by ``RLN.save`` (e.g. by ``rln-fast train``).
+    The network runs in one step, so the bar is a busy indicator; Cancel discards the result
+    when it arrives.
+    """
+
+    title = "RLN"
+
+    def __init__(self, viewer: napari.viewer.Viewer) -> None:
+        super().__init__(viewer)
+        self.model = ComboBox(label="model", choices=[_DEFAULT_MODEL, _MODEL_FILE],
+                              value=_DEFAULT_MODEL)
+        self.model_file = FileEdit(label="model file", mode="r", filter="*.pt",
+                                   tooltip="an RLN saved with RLN.save (.pt)")
+        self.normalize = ComboBox(label="normalize", choices=["global", "official"],
+                                  value="global",
+                                  tooltip="global: output in input units; official: the "
+                                          "official script's per-volume normalisation")
+        self.device = ComboBox(label="device", choices=_devices(), value="auto")
+        self.model.changed.connect(self._show_file)
+        self._add_controls(self.model, self.model_file, self.normalize, self.device)
+        self._show_file(self.model.value)
+
+    def _show_file(self, value: str) -> None:
+        self.model_file.visible = value == _MODEL_FILE
+
+    def _prepare(self) -> _Job:
+        from rln_fast import rln_deconvolve
+
+        layer = self.image.value
+        data = _image_3d(layer, self.title)
+        model: Path | None = None
+        if self.model.value == _MODEL_FILE:
+            model = Path(self.model_file.value)
+            if not model.is_file():
+                raise FileNotFoundError(f"{self.title}: model file {str(model)!r} does not "
+                                        "exist; choose a .pt file written by RLN.save")
+        options = {"normalize": self.normalize.value,
+                   "device": _resolve_device(self.device.value)}
+
+        def compute(should_stop: Callable[[], bool], report: Callable[[int], None]) -> np.ndarray:
+            return rln_deconvolve(np.asarray(data), model, progress=False, **options)
+
+        name = f"{layer.name} RLN" + ("" if model is None else f" ({model.stem})")
+        return _Job(self.title, compute, lambda y: self._add_result(y, layer, name))
+
+
+class PSFWidget(_Panel):
+    """A model PSF as a new layer, sampled at the voxel size of a chosen layer (or typed in).
+
+    Models (``rln_fast.psf``): born_wolf and gibson_lanni (widefield), confocal
+    (excitation × emission, pinhole in µm in the sample; 0 = infinitely small) and gaussian
+    (lateral FWHM 0.51·λ/NA and axial FWHM 0.88·λ/(ni − √(ni² − NA²)), the Born–Wolf widths).
+    """
+
+    title = "PSF"
+
+    def __init__(self, viewer: napari.viewer.Viewer) -> None:
+        super().__init__(viewer, layer_label="voxel size from", layer_optional=True)
+        self.psf_model = ComboBox(label="model", choices=list(_PSF_MODELS), value="born_wolf")
+        self.nz = SpinBox(label="nz", value=33, min=1, max=1025)
+        self.ny = SpinBox(label="ny", value=65, min=1, max=4097)
+        self.nx = SpinBox(label="nx", value=65, min=1, max=4097)
+        self.na = _float_box("NA", 1.4, 0.05, 1.7, 0.01, "numerical aperture")
+        self.wavelength = _float_box("λ em (µm)", 0.52, 0.2, 2.0, 0.001,
+                                     "emission wavelength in µm")
+        self.ex_wavelength = _float_box("λ ex (µm)", 0.488, 0.2, 2.0, 0.001,
+                                        "excitation wavelength in µm (confocal)")
+        self.pinhole = _float_box("pinhole (µm)", 0.0, 0.0, 100.0, 0.01,
+                                  "pinhole diameter projected into the sample, µm; 0 = point")
+        self.ni = _float_box("n immersion", 1.515, 1.0, 2.0, 0.001, "immersion refractive index")
+        self.ns = _float_box("n sample", 1.33, 1.0, 2.0, 0.001, "sample refractive index")
+        self.particle_z = _float_box("depth (µm)", 0.0, 0.0, 1000.0, 0.1,
+                                     "source depth below the coverslip, µm")
+        self.psf_model.changed.connect(self._show_fields)
+        self._add_controls(self.psf_model, self.nz, self.ny, self.nx, self.na, self.wavelength,
+                           self.ex_wavelength, self.pinhole, self.ni, self.ns, self.particle_z)
+        self._show_fields(self.psf_model.value)
+
+    def _show_fields(self, model: str) -> None:
+        self.ex_wavelength.visible = self.pinhole.visible = model == "confocal"
+        self.ns.visible = self.particle_z.visible = model == "gibson_lanni"
+
+    def psf_arguments(self) -> tuple[str, tuple[int, int, int], dict[str, Any]]:
+        """(function name in rln_fast.psf, shape, keyword arguments) from the fields."""
+        model = self.psf_model.value
+        shape = (int(self.nz.value), int(self.ny.value), int(self.nx.value))
+        na, wl, ni = float(self.na.value), float(self.wavelength.value), float(self.ni.value)
+        kw: dict[str, Any] = {"voxel_size": self.voxel_size}
+        if model == "born_wolf":
+            kw.update(na=na, wavelength=wl, ni=ni)
+        elif model == "gibson_lanni":
+            kw.update(na=na, wavelength=wl, ni=ni, ns=float(self.ns.value),
+                      particle_z=float(self.particle_z.value))
+        elif model == "confocal":
+            pinhole = float(self.pinhole.value)
+            kw.update(na=na, em_wavelength=wl, ex_wavelength=float(self.ex_wavelength.value),
+                      ni=ni, pinhole=pinhole or None)
+        else:
+            if not na < ni:
+                raise ValueError(f"{self.title}: NA {na:g} must be smaller than the immersion "
+                                 f"index {ni:g}")
+            lateral = 0.51 * wl / na
+            axial = 0.88 * wl / (ni - np.sqrt(ni * ni - na * na))
+            kw.update(fwhm=(axial, lateral, lateral))
+        return model, shape, kw
+
+    def _prepare(self) -> _Job:
+        from rln_fast import psf as psf_models
+
+        model, shape, kw = self.psf_arguments()
+        fn = getattr(psf_models, model)
+
+        def compute(should_stop: Callable[[], bool], report: Callable[[int], None]) -> np.ndarray:
+            return fn(shape, **kw)
+
+        name = f"PSF {model} NA {self.na.value:g} λ {self.wavelength.value:g} µm"
+        return _Job(self.title, compute,
+                    lambda p: self._add_result(p, None, name, colormap="inferno"))
