@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -88,6 +90,566 @@ def demo(out_dir: str, device: str | None, iterations: int) -> None:
     for name, value in m["seconds"].items():
         click.echo(f"  time {name:>6}: {value:6.2f} s")
     click.echo(f"wrote {out_dir}/demo.png and {out_dir}/demo.json")
+
+
+# --------------------------------------------------------------------------- files
+
+_VOLUME_SUFFIXES = (".tif", ".tiff", ".npy")
+
+
+def _volume_suffix(path: Path, what: str) -> str:
+    suffix = path.suffix.lower()
+    if suffix not in _VOLUME_SUFFIXES:
+        raise CommandError(
+            f"{what} {path}: unknown format {suffix or '(no suffix)'}; "
+            "use a name ending in .tif, .tiff or .npy"
+        )
+    return suffix
+
+
+def _check_folder_writable(folder: Path, target: Path, *, create: bool) -> None:
+    """Fail early unless files can be written into ``folder`` (created later when ``create``)."""
+    probe = folder
+    if create:
+        # The nearest existing ancestor must be a writable folder for the mkdir to succeed.
+        while not probe.exists() and probe.parent != probe:
+            probe = probe.parent
+    elif not probe.exists():
+        raise CommandError(
+            f"cannot write {target}: folder {folder} does not exist; create it or choose "
+            "another output path"
+        )
+    if not probe.is_dir():
+        raise CommandError(
+            f"cannot write {target}: {probe} is a file, not a folder; choose another output path"
+        )
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise CommandError(
+            f"cannot write {target}: folder {probe} is not writable; choose another output path"
+        )
+
+
+def _check_output_file(path: Path, what: str) -> None:
+    if path.is_dir():
+        raise CommandError(f"{what} {path} is a folder; give a file name")
+    _check_folder_writable(path.parent, path, create=False)
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
+    """write(file object) into a hidden sibling, then rename onto ``path``: never a partial file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _write_volume(path: Path, arr: Any, voxel_size: tuple[float, float, float]) -> None:
+    """float32 (z, y, x) as .npy, or as an ImageJ TIFF carrying the voxel size in µm."""
+    import numpy as np
+
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if path.suffix.lower() == ".npy":
+        _atomic_write(path, lambda f: np.save(f, arr, allow_pickle=False))
+        return
+    import tifffile
+
+    dz, dy, dx = voxel_size
+    _atomic_write(path, lambda f: tifffile.imwrite(
+        f, arr, imagej=True, resolution=(1.0 / dx, 1.0 / dy),
+        metadata={"axes": "ZYX", "spacing": dz, "unit": "um"},
+    ))
+
+
+def _read_psf(path: Path) -> Any:
+    """A PSF file (.tif/.tiff/.npy) as float32 (z, y, x), checked, with errors naming the file."""
+    import numpy as np
+
+    what = "--psf"
+    if not path.exists():
+        raise CommandError(f"{what} {path}: file not found; check the path")
+    if path.is_dir():
+        raise CommandError(f"{what} {path} is a folder; give a PSF file (.tif, .tiff or .npy)")
+    suffix = _volume_suffix(path, what)
+    try:
+        if suffix == ".npy":
+            arr = np.load(path, allow_pickle=False)
+        else:
+            import tifffile
+
+            arr = tifffile.imread(path)
+    except Exception as e:  # noqa: BLE001 - any reader failure means "not an image we can read"
+        kind = "NumPy .npy" if suffix == ".npy" else "TIFF"
+        raise CommandError(
+            f"{what} {path} is not a readable {kind} file ({type(e).__name__}: {e}); "
+            "give a 3-D (z, y, x) PSF as .tif, .tiff or .npy"
+        ) from e
+    arr = np.asarray(arr)
+    if arr.dtype.kind not in "biuf":
+        raise CommandError(f"{what} {path}: holds {arr.dtype} values; a PSF must be real numbers")
+    if arr.ndim != 3 or arr.size == 0:
+        raise CommandError(
+            f"{what} {path}: the PSF must be 3-D (z, y, x), got shape {arr.shape}; "
+            "save the whole z-stack"
+        )
+    arr = arr.astype(np.float32)
+    if not np.isfinite(arr).all() or arr.min() < 0 or arr.sum() <= 0:
+        raise CommandError(
+            f"{what} {path}: the PSF must be finite, non-negative and not all zero; "
+            "subtract the background with rln_fast.psf.prepare first"
+        )
+    return arr
+
+
+def _check_device(device: str | None) -> str | None:
+    if device is None:
+        return None
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise CommandError(f"--device {device!r} is not a device ({e}); use cpu or cuda") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CommandError(f"--device {device}: CUDA is not available here; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise CommandError(f"--device {device}: use cpu or cuda")
+    return device
+
+
+# --------------------------------------------------------------------------- PSF options
+
+PSF_MODELS = ("born-wolf", "gibson-lanni", "gaussian", "confocal")
+_GL_OPTIONS = ("ns", "ng", "ni0", "ng0", "ti0", "tg", "tg0", "depth")
+_OPTICS = ("voxel_size", "na", "wavelength", "excitation_wavelength", "pinhole", "ni",
+           *_GL_OPTIONS, "sigma", "fwhm", "oversample")
+_MODEL_OPTIONS = {
+    "gaussian": {"voxel_size", "sigma", "fwhm"},
+    "born-wolf": {"voxel_size", "na", "wavelength", "ni", "oversample"},
+    "gibson-lanni": {"voxel_size", "na", "wavelength", "ni", "oversample", *_GL_OPTIONS},
+    "confocal": {"voxel_size", "na", "wavelength", "excitation_wavelength", "pinhole", "ni",
+                 "oversample", *_GL_OPTIONS},
+}
+_MODEL_REQUIRED = {
+    "gaussian": ("voxel_size",),
+    "born-wolf": ("voxel_size", "na", "wavelength"),
+    "gibson-lanni": ("voxel_size", "na", "wavelength"),
+    "confocal": ("voxel_size", "na", "wavelength", "excitation_wavelength"),
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _optics_options(fn: Callable) -> Callable:
+    """The optics of a generated PSF, shared by psf, synth and train (µm, (z, y, x))."""
+    gl = "gibson-lanni/confocal: "
+    options = [
+        click.option("--voxel-size", nargs=3, type=float, default=None, metavar="DZ DY DX",
+                     help="PSF voxel size in µm (z, y, x)."),
+        click.option("--na", type=float, default=None, help="Numerical aperture (< --ni)."),
+        click.option("--wavelength", "--emission-wavelength", "wavelength", type=float,
+                     default=None, help="Emission wavelength in µm (e.g. 0.52)."),
+        click.option("--excitation-wavelength", type=float, default=None,
+                     help="confocal: excitation wavelength in µm."),
+        click.option("--pinhole", type=float, default=None,
+                     help="confocal: pinhole diameter in µm in sample space [0: a point]."),
+        click.option("--ni", type=float, default=None,
+                     help="Immersion refractive index [1.515]."),
+        click.option("--ns", type=float, default=None, help=gl + "sample index [1.33]."),
+        click.option("--ng", type=float, default=None, help=gl + "coverslip index [1.515]."),
+        click.option("--ni0", type=float, default=None, help=gl + "design immersion index [ni]."),
+        click.option("--ng0", type=float, default=None, help=gl + "design coverslip index [ng]."),
+        click.option("--ti0", type=float, default=None,
+                     help=gl + "design working distance in µm [150]."),
+        click.option("--tg", type=float, default=None, help=gl + "coverslip thickness, µm [170]."),
+        click.option("--tg0", type=float, default=None,
+                     help=gl + "design coverslip thickness, µm [tg]."),
+        click.option("--depth", type=float, default=None,
+                     help=gl + "depth of the source below the coverslip in µm [0]."),
+        click.option("--sigma", nargs=3, type=float, default=None, metavar="SZ SY SX",
+                     help="gaussian: standard deviation in µm (z, y, x)."),
+        click.option("--fwhm", nargs=3, type=float, default=None, metavar="FZ FY FX",
+                     help="gaussian: FWHM in µm (z, y, x), instead of --sigma."),
+        click.option("--oversample", type=int, default=None,
+                     help="Radial samples per lateral voxel of the pupil integral [3]."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _given(optics: dict[str, Any]) -> dict[str, Any]:
+    # nargs=3 options come back as None or () when absent, depending on the click version.
+    return {k: v for k, v in optics.items() if k in _OPTICS and v is not None and v != ()}
+
+
+def _make_psf(model: str, shape: tuple[int, ...], optics: dict[str, Any]) -> Any:
+    """Generate the PSF of ``model`` (one of PSF_MODELS) with rln_fast.psf; errors are one line."""
+    from . import psf as psf_models
+
+    name = model.lower().replace("_", "-")
+    if name not in PSF_MODELS:
+        raise CommandError(f"unknown PSF model {model!r}; choose one of {', '.join(PSF_MODELS)}")
+    given = _given(optics)
+    extra = sorted(set(given) - _MODEL_OPTIONS[name], key=_OPTICS.index)
+    if extra:
+        verb = "does" if len(extra) == 1 else "do"
+        raise CommandError(
+            f"{', '.join(map(_flag, extra))} {verb} not apply to the {name} PSF model; drop it"
+        )
+    missing = [k for k in _MODEL_REQUIRED[name] if k not in given]
+    if missing:
+        raise CommandError(f"the {name} PSF model needs {', '.join(map(_flag, missing))}")
+    kw = {k: v for k, v in given.items() if k != "voxel_size"}
+    shape_t, vs = tuple(shape), tuple(given["voxel_size"])
+    if name == "gaussian":
+        if ("sigma" in kw) == ("fwhm" in kw):
+            raise CommandError(
+                "the gaussian PSF model needs one of --sigma SZ SY SX or --fwhm FZ FY FX (µm)"
+            )
+        return psf_models.gaussian(shape_t, vs, **kw)
+    if "depth" in kw:
+        kw["particle_z"] = kw.pop("depth")
+    if name == "born-wolf":
+        return psf_models.born_wolf(shape_t, vs, **kw)
+    if name == "gibson-lanni":
+        return psf_models.gibson_lanni(shape_t, vs, **kw)
+    kw["em_wavelength"] = kw.pop("wavelength")
+    kw["ex_wavelength"] = kw.pop("excitation_wavelength")
+    kw["model"] = "gibson_lanni" if set(given) & set(_GL_OPTIONS) else "born_wolf"
+    return psf_models.confocal(shape_t, vs, **kw)
+
+
+def _psf_source_options(fn: Callable) -> Callable:
+    """--psf FILE or --psf-model MODEL (+ optics) for the commands that simulate data."""
+    options = [
+        click.option("--psf", "psf_file", type=click.Path(path_type=Path), default=None,
+                     help="Measured or generated PSF (.tif, .tiff, .npy; (z, y, x), sampled at "
+                          "the phantom's voxel size)."),
+        click.option("--psf-model", default=None, metavar="MODEL",
+                     help=f"Generate the PSF instead: {' | '.join(PSF_MODELS)} (with the optics "
+                          "options)."),
+        click.option("--psf-shape", nargs=3, type=int, default=None, metavar="D H W",
+                     help="Shape of a generated PSF [the volume's shape]."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return _optics_options(fn)
+
+
+def _resolve_psf(psf_file: Path | None, psf_model: str | None, psf_shape: Any,
+                 volume_shape: tuple[int, ...], optics: dict[str, Any]) -> tuple[Any, str]:
+    """(PSF array or None for the default, a description for the user)."""
+    given = _given(optics)
+    if psf_file is not None and psf_model is not None:
+        raise CommandError("give --psf FILE or --psf-model MODEL, not both")
+    if psf_model is None and (given or psf_shape):
+        flags = ", ".join(map(_flag, given)) or "--psf-shape"
+        raise CommandError(f"{flags}: options of a generated PSF; add --psf-model MODEL")
+    if psf_file is not None:
+        arr = _read_psf(psf_file)
+        return arr, f"{psf_file} {arr.shape}"
+    if psf_model is not None:
+        shape = tuple(psf_shape) if psf_shape else tuple(volume_shape)
+        arr = _make_psf(psf_model, shape, optics)
+        return arr, f"{psf_model} {tuple(arr.shape)}"
+    return None, "default Gaussian, sigma (z, y, x) = (2, 1, 1) voxels, 15x15x15"
+
+
+# --------------------------------------------------------------------------- psf
+
+
+@main.command("psf")
+@click.argument("model", metavar="MODEL")
+@click.argument("output", type=click.Path(path_type=Path))
+@click.option("--shape", nargs=3, type=int, required=True, metavar="D H W",
+              help="PSF size in voxels (z, y, x); the peak is at voxel shape // 2.")
+@_optics_options
+@clean_errors("psf")
+def psf_cmd(model: str, output: Path, shape: tuple[int, int, int], **optics: Any) -> None:
+    """Generate a PSF: MODEL is born-wolf, gibson-lanni, gaussian or confocal.
+
+    OUTPUT is a float32 .tif/.tiff (ImageJ, with the voxel size in µm) or .npy. The confocal
+    model uses Born-Wolf optics, or Gibson-Lanni when any of --ns, --ng, --depth, ... is given.
+
+    \b
+    Example:
+      rln-fast psf born-wolf psf.tif --shape 33 65 65 --voxel-size 0.2 0.1 0.1 \\
+          --na 1.4 --wavelength 0.52 --ni 1.515
+    """
+    _volume_suffix(output, "OUTPUT")
+    _check_output_file(output, "OUTPUT")
+    arr = _make_psf(model, shape, optics)
+    voxel = tuple(optics["voxel_size"])
+    _write_volume(output, arr, voxel)  # type: ignore[arg-type]
+    if any(s % 2 == 0 for s in arr.shape):
+        click.echo("rln-fast psf: note: an even side puts the peak just past the middle (voxel "
+                   "shape // 2, where rln_fast expects it); odd sides keep the PSF symmetric",
+                   err=True)
+    note = " (.npy keeps no voxel size)" if output.suffix.lower() == ".npy" else ""
+    click.echo(f"wrote {output}: {model} PSF, shape {tuple(arr.shape)} (z, y, x), "
+               f"voxel size {voxel} µm{note}")
+
+
+# --------------------------------------------------------------------------- synth
+
+
+@main.command("synth")
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--n", "n", type=int, default=100, show_default=True, help="Pairs to write.")
+@click.option("--shape", nargs=3, type=int, default=(128, 128, 128), show_default=True,
+              metavar="D H W", help="Phantom size in voxels (z, y, x), every side >= 19.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Pair i is drawn from seed + i.")
+@_psf_source_options
+@click.option("--device", default=None, help="cpu or cuda for the blur and convolution.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@clean_errors("synth")
+def synth_cmd(out_dir: Path, n: int, shape: tuple[int, int, int], seed: int,
+              psf_file: Path | None, psf_model: str | None, psf_shape: Any,
+              device: str | None, progress: bool, **optics: Any) -> None:
+    """Write synthetic training pairs OUT_DIR/gt/NNN.tif and OUT_DIR/input/NNN.tif.
+
+    The official RLN phantom recipe: ground truth = phantom blurred by a small Gaussian;
+    input = 5 x ground truth convolved with the PSF, Poisson and read noise. Without --psf or
+    --psf-model the training default PSF is used. Existing pairs of the same names are
+    overwritten.
+    """
+    from . import synth
+    from .train import default_psf
+
+    if n < 1:
+        raise CommandError(f"--n must be >= 1, got {n}")
+    synth.phantom_params(shape, seed)  # checks shape and seed before anything is written
+    _check_folder_writable(out_dir, out_dir, create=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CommandError(f"OUT_DIR {out_dir} is a file; give a folder")
+    device = _check_device(device)
+    psf_arr, what = _resolve_psf(psf_file, psf_model, psf_shape, shape, optics)
+    if psf_arr is None:
+        psf_arr = default_psf()
+    synth.write_pairs(out_dir, n, psf_arr, shape, seed, device=device, progress=progress)
+    click.echo(f"wrote {n} pair{'s' * (n != 1)} {tuple(shape)} to {out_dir / 'gt'} and "
+               f"{out_dir / 'input'} (seeds {seed}..{seed + n - 1}; PSF: {what})")
+
+
+# --------------------------------------------------------------------------- train
+
+# TrainConfig field -> the train command's option, to word config errors in the user's terms.
+_TRAIN_FLAGS = {
+    "data_dir": "--data", "n_volumes": "--volumes", "phantom_shape": "--phantom-shape",
+    "data_seed": "--data-seed", "n_val": "--val", "val_every": "--validate-every",
+    "batch_size": "--batch", "crop": "--crop", "steps": "--steps", "lr": "--lr",
+    "checkpoint_every": "--checkpoint-every", "seed": "--seed", "device": "--device",
+    "augment": "--augment", "gradients": "--gradients", "bn": "--bn",
+}
+
+
+def _in_flags(message: str) -> str:
+    import re
+
+    message = re.sub(r"TrainConfig\.(\w+)",
+                     lambda m: _TRAIN_FLAGS.get(m.group(1), m.group(0)), message)
+    message = re.sub(r"\bn_val=", "--val ", message)
+    message = message.replace("resume=False", "--no-resume")
+    return message.replace("another out_dir", "another OUT_DIR")
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    """The step stored in a training checkpoint, or None when it cannot be read (train says why)."""
+    import torch
+
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        return int(blob["step"])
+    except Exception:  # noqa: BLE001 - train() reports an unreadable checkpoint itself
+        return None
+
+
+def _clean_failed_run(out_dir: Path, created: bool) -> None:
+    """After a failure before the first checkpoint, remove what the run wrote (logs, the folder)."""
+    from .train import CHECKPOINT_NAME, LOSS_CSV, LOSS_PNG, VAL_CSV
+
+    if not created or not out_dir.is_dir() or (out_dir / CHECKPOINT_NAME).exists():
+        return
+    for name in (LOSS_CSV, VAL_CSV, LOSS_PNG):
+        (out_dir / name).unlink(missing_ok=True)
+    if not any(out_dir.iterdir()):
+        out_dir.rmdir()
+
+
+def _train_default(name: str) -> Any:
+    from .train import TrainConfig
+
+    value = getattr(TrainConfig, name)
+    return tuple(value) if isinstance(value, tuple) else value
+
+
+@main.command("train")
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None,
+              help="Folder with gt/ and input/ TIFF pairs of the same names (rln-fast synth).")
+@click.option("--synthetic", is_flag=True,
+              help="Generate phantom pairs on the fly (the default without --data).")
+@click.option("--volumes", "n_volumes", type=int, default=_train_default("n_volumes"),
+              show_default=True, help="Synthetic training volumes.")
+@click.option("--phantom-shape", nargs=3, type=int, default=_train_default("phantom_shape"),
+              show_default=True, metavar="D H W", help="Synthetic volume size (z, y, x).")
+@click.option("--data-seed", type=int, default=_train_default("data_seed"), show_default=True,
+              help="Synthetic volume i uses seed data-seed + i.")
+@click.option("--val", "n_val", type=int, default=_train_default("n_val"), show_default=True,
+              help="Held-out validation pairs (with --data: the last ones by name).")
+@click.option("--steps", type=int, default=_train_default("steps"), show_default=True,
+              help="Total optimiser steps (a resumed run continues up to this).")
+@click.option("--batch", "batch_size", type=int, default=_train_default("batch_size"),
+              show_default=True, help="Crops per step, all from one volume.")
+@click.option("--crop", nargs=3, type=int, default=_train_default("crop"), show_default=True,
+              metavar="D H W", help="Crop size in voxels (z, y, x).")
+@click.option("--lr", type=float, default=_train_default("lr"), show_default=True,
+              help="Initial learning rate (held, then decayed).")
+@click.option("--checkpoint-every", type=int, default=_train_default("checkpoint_every"),
+              show_default=True, help="Steps between checkpoints (and loss-curve plots).")
+@click.option("--validate-every", "val_every", type=int, default=_train_default("val_every"),
+              show_default=True, help="Steps between validations.")
+@click.option("--augment/--no-augment", default=_train_default("augment"), show_default=True,
+              help="Random flips and xy rotations of the crops.")
+@click.option("--gradients", type=click.Choice(["paper", "exact"]),
+              default=_train_default("gradients"), show_default=True,
+              help="paper: the released graph's surrogate RL gradients.")
+@click.option("--bn", type=click.Choice(["official", "torch"]), default=_train_default("bn"),
+              show_default=True, help="BatchNorm running-variance update.")
+@click.option("--seed", type=int, default=_train_default("seed"), show_default=True,
+              help="Seed of the initialisation and the crop stream.")
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+@click.option("--resume/--no-resume", default=True, show_default=True,
+              help="Continue from OUT_DIR/checkpoint.pt when present.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@_psf_source_options
+@clean_errors("train")
+def train_cmd(out_dir: Path, data_dir: Path | None, synthetic: bool, n_volumes: int,
+              phantom_shape: tuple[int, int, int], data_seed: int, n_val: int, steps: int,
+              batch_size: int, crop: tuple[int, int, int], lr: float, checkpoint_every: int,
+              val_every: int, augment: bool, gradients: str, bn: str, seed: int,
+              device: str | None, resume: bool, progress: bool, psf_file: Path | None,
+              psf_model: str | None, psf_shape: Any, **optics: Any) -> None:
+    """Train an RLN into OUT_DIR (checkpoint.pt, model.pt, loss.csv, val.csv, loss.png).
+
+    Data: --data DIR with gt/ and input/ pairs, or --synthetic phantoms simulated with the
+    PSF from --psf / --psf-model (default: a Gaussian). Interrupt at any time and rerun the
+    same command to resume from the last checkpoint.
+    """
+    from . import synth
+    from .train import CHECKPOINT_NAME, LOSS_CSV, LOSS_PNG, MODEL_NAME, VAL_CSV, TrainConfig, train
+
+    if data_dir is not None and synthetic:
+        raise CommandError("give --data DIR or --synthetic, not both")
+    psf_arr = None
+    if data_dir is not None:
+        if psf_file is not None or psf_model is not None or _given(optics):
+            raise CommandError("--psf and the PSF options apply to --synthetic data only; "
+                               "the pairs in --data are already simulated or measured")
+        if not data_dir.is_dir():
+            state = "is not a folder" if data_dir.exists() else "does not exist"
+            raise CommandError(f"--data {data_dir} {state}; give a folder with gt/ and input/ "
+                               "pairs (rln-fast synth writes one)")
+        what = f"pairs in {data_dir}"
+    else:
+        synth.phantom_params(phantom_shape, data_seed)  # checks the phantom shape early
+        psf_arr, psf_what = _resolve_psf(psf_file, psf_model, psf_shape, phantom_shape, optics)
+        what = f"{n_volumes} synthetic volumes {tuple(phantom_shape)}, PSF: {psf_what}"
+    _check_folder_writable(out_dir, out_dir, create=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CommandError(f"OUT_DIR {out_dir} is a file; give a folder")
+    device = _check_device(device)
+    try:
+        config = TrainConfig(
+            data_dir=None if data_dir is None else os.fspath(data_dir), psf=psf_arr,
+            n_volumes=n_volumes, phantom_shape=phantom_shape, data_seed=data_seed, n_val=n_val,
+            steps=steps, batch_size=batch_size, crop=crop, lr=lr,
+            checkpoint_every=checkpoint_every, val_every=val_every, augment=augment,
+            gradients=gradients, bn=bn, seed=seed, device=device,
+        )
+    except ValueError as e:
+        raise CommandError(_in_flags(str(e))) from e
+
+    ckpt = out_dir / CHECKPOINT_NAME
+    if resume and ckpt.exists():
+        step = _checkpoint_step(ckpt)
+        if step is not None:
+            click.echo(f"resuming from {ckpt} at step {step}")
+    click.echo(f"training on {what}")
+    created = not out_dir.exists()
+    last: dict[str, Any] = {}
+    try:
+        train(config, out_dir, resume=resume, progress=progress,
+              callback=lambda step, row: last.update(row))
+    except (FloatingPointError, ValueError) as e:  # a diverged loss, or data train() refused
+        _clean_failed_run(out_dir, created)
+        raise CommandError(_in_flags(str(e))) from e
+    except BaseException:
+        _clean_failed_run(out_dir, created)
+        raise
+    if last:
+        click.echo(f"step {last['step']}: loss {last['loss']:.4f}")
+    click.echo(f"model: {out_dir / MODEL_NAME}")
+    curve = [out_dir / LOSS_CSV] + [out_dir / LOSS_PNG] * (out_dir / LOSS_PNG).exists()
+    click.echo(f"loss curve: {', '.join(map(str, curve))}")
+    if n_val:
+        click.echo(f"validation: {out_dir / VAL_CSV}")
+    click.echo(f"checkpoint: {ckpt} (rerun the same command with a larger --steps to continue)")
+
+
+# --------------------------------------------------------------------------- bench
+
+
+@main.command("bench")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
+              help="Default: cuda when available, else cpu.")
+@click.option("--size", nargs=3, type=int, default=None, metavar="D H W",
+              help="Volume size (z, y, x) [64 128 128; --quick: 32 64 64].")
+@click.option("--quick", is_flag=True, help="Smaller volume, fewer rounds (seconds on a CPU).")
+@click.option("--rounds", type=int, default=None, help="Timed runs per method [5; --quick: 2].")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
+              help="Also save the report as JSON here.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@clean_errors("bench")
+def bench_cmd(device: str | None, size: Any, quick: bool, rounds: int | None,
+              json_path: Path | None, progress: bool) -> None:
+    """Time fused RLN inference and Richardson-Lucy against plain PyTorch on this machine.
+
+    Each pair is first checked to give the same result; the speedup is baseline time / ours.
+    """
+    from .bench import FULL_SIZE, QUICK_SIZE, run_bench
+
+    if json_path is not None:
+        _check_output_file(json_path, "--json")
+    if rounds is not None and rounds < 1:
+        raise CommandError(f"--rounds must be >= 1, got {rounds}")
+    device = _check_device(device)
+    size_t = tuple(size) if size else (QUICK_SIZE if quick else FULL_SIZE)
+    report = run_bench(size_t, device=device, rounds=rounds or (2 if quick else 5),
+                       rl_iterations=10 if quick else 20, progress=progress)
+    report["quick"] = quick
+    click.echo(f"rln-fast bench: {report['device_type']} ({report['device']}, "
+               f"{report['threads']} threads), torch {report['torch']}, volume "
+               f"{'x'.join(map(str, report['size']))}, median of {report['rounds']} "
+               f"run{'s' * (report['rounds'] != 1)}")
+    labels = {"rln_inference": ("RLN inference", "plain PyTorch RLN"),
+              "richardson_lucy": ("Richardson-Lucy", "plain torch FFT loop")}
+    for key, r in report["results"].items():
+        name, base = labels[key]
+        extra = f", {r['iterations']} iterations" if "iterations" in r else ""
+        click.echo(f"  {name:<16} ours {r['ours_s']:8.4f} s   {base} {r['baseline_s']:8.4f} s   "
+                   f"speedup {r['speedup']:6.2f}x   (max rel diff {r['max_rel_diff']:.1e}{extra})")
+    if json_path is not None:
+        text = json.dumps(report, indent=2).encode()
+        _atomic_write(json_path, lambda f: f.write(text))
+        click.echo(f"wrote {json_path}")
 
 
 if __name__ == "__main__":
