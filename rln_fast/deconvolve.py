@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rln_fast import tiling
 from rln_fast.models.rln import RLN, FusedRLN
 
 __all__ = ["rln_deconvolve"]
@@ -119,19 +120,16 @@ def rln_deconvolve(
       None: the raw volume goes in, the raw network output comes out.
     device: where the network runs; default the input's device for torch/cupy, else
     CUDA when available, else CPU.
-    tile, memory_budget: must be None (the whole volume runs at once).
-    progress: unused for a whole-volume run (there is a single step to report).
+    tile: None, an int or (D, H, W): run in tiles with these core sides (even, since the
+      network pools by 2) and a halo of 16 voxels on every cut side; the result equals the
+      untiled one (the percentiles are always taken over the whole volume).
+    memory_budget: bytes (int) or a string such as "4GB" for one tile's working memory on
+      ``device``; the largest tile that fits is used. With tile=None and memory_budget=None
+      the budget is what is free (80% of free GPU memory, half the available RAM on the CPU),
+      so a volume that fits runs whole and a larger one is tiled instead of running out of
+      memory.
+    progress: a tqdm bar over the tiles when there is more than one.
     """
-    if tile is not None:
-        raise NotImplementedError(
-            "rln_deconvolve: tile= is not supported yet (tiled RLN arrives with the "
-            "large-volume work); pass tile=None to run the whole volume at once"
-        )
-    if memory_budget is not None:
-        raise NotImplementedError(
-            "rln_deconvolve: memory_budget= is not supported yet (tiled RLN arrives with the "
-            "large-volume work); pass memory_budget=None to run the whole volume at once"
-        )
     if normalize not in _NORMALIZE:
         raise ValueError(
             f"rln_deconvolve: normalize must be one of {_NORMALIZE}, got {normalize!r}"
@@ -158,6 +156,10 @@ def rln_deconvolve(
             device = in_device
     device = torch.device(device)
     fused = _resolve_model(model, device)
+    core = _tile_core(tuple(x.shape), tile, memory_budget, device)
+    if core != tuple(x.shape):
+        y = _rln_tiled(x, fused, core, normalize, rescale, device, progress)
+        return y.numpy() if kind == "numpy" else _to_kind(y, kind, in_device)
 
     with torch.inference_mode():
         xf = x.to(device=device, dtype=torch.float32)
@@ -172,7 +174,11 @@ def rln_deconvolve(
 
     if kind == "numpy":
         return y.cpu().numpy()
-    y = y.to(in_device)
+    return _to_kind(y, kind, in_device)
+
+
+def _to_kind(y: torch.Tensor, kind: str, device: torch.device) -> Any:
+    y = y.to(device)
     if y.is_inference():
         y = y.clone()
     if kind == "cupy":
@@ -180,3 +186,68 @@ def rln_deconvolve(
 
         return cupy.from_dlpack(y)
     return y
+
+
+def _tile_core(shape: tuple[int, ...], tile: Any, memory_budget: Any,
+               device: torch.device) -> tuple[int, ...]:
+    """Core sides for rln_deconvolve: the given tile, the largest that fits the budget, or the
+    whole volume when it fits what is free."""
+    if tile is not None:
+        if memory_budget is not None:
+            raise ValueError("rln_deconvolve: give tile= or memory_budget=, not both")
+        core = tiling._triplet(tile, "tile")
+        if min(core) < 2:
+            raise ValueError(f"rln_deconvolve: tile sides must be >= 2, got {core}")
+        return tuple(min(c, s) for c, s in zip(core, shape, strict=True))
+    budget = (tiling.parse_memory(memory_budget) if memory_budget is not None
+              else tiling.available_memory(device))
+    return tiling.choose_core(shape, budget, tiling.RLN_BYTES_PER_VOXEL, tiling.RLN_HALO)
+
+
+def _rln_block(xb: torch.Tensor, fused: FusedRLN, mi: float, ma: float,
+               normalize: str | None, rescale: bool) -> torch.Tensor:
+    """One (z, y, x) float32 box through the network, normalised with the volume's statistics."""
+    with torch.inference_mode():
+        if normalize is not None:
+            xb = _normalize(xb, mi, ma)
+        y = fused(xb[None, None].contiguous())[0, 0]
+        if normalize == "global" and rescale:
+            y = _denormalize(y, mi, ma)
+    return y
+
+
+def _rln_tiled(x: torch.Tensor, fused: FusedRLN, core: tuple[int, ...], normalize: str | None,
+               rescale: bool, device: torch.device, progress: bool) -> torch.Tensor:
+    """RLN tile by tile: the same result as the whole volume at once (module tiling explains
+    why), the full output kept where the input is (host for numpy)."""
+    tiles = tiling.tile_grid(x.shape, core, tiling.RLN_HALO, even=True)
+    mi = ma = 0.0
+    if normalize is not None:
+        mi, ma = (_percentiles(x.to(torch.float32)) if x.numel() <= _QUANTILE_MAX
+                  else tiling.exact_percentiles(_HostView(x)))
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    bar = tiling.progress_bar(len(tiles), "rln tiles", progress)
+    try:
+        for t in tiles:
+            xb = x[t.outer].to(device=device, dtype=torch.float32)
+            out[t.core] = _rln_block(xb, fused, mi, ma, normalize, rescale)[t.inner].to(out.device)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return out
+
+
+class _HostView:
+    """Box reads of a tensor as numpy, for the block-wise percentiles."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x, self.shape, self.dtype = x, tuple(x.shape), _numpy_dtype(x.dtype)
+
+    def __getitem__(self, box: Any) -> np.ndarray:
+        return self.x[box].cpu().numpy()
+
+
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    return torch.empty((), dtype=dtype).numpy().dtype

@@ -443,10 +443,8 @@ def test_missing_shipped_model_error():
 def test_deconvolve_errors():
     m = _random_model()
     v = np.ones((4, 4, 4), np.float32)
-    with pytest.raises(NotImplementedError, match="tile="):
-        rln_deconvolve(v, m, tile=(2, 2, 2))
-    with pytest.raises(NotImplementedError, match="memory_budget="):
-        rln_deconvolve(v, m, memory_budget="1GB")
+    with pytest.raises(ValueError, match="not both"):  # tiles: tests/test_tiling.py
+        rln_deconvolve(v, m, tile=(2, 2, 2), memory_budget="1GB")
     with pytest.raises(ValueError, match="normalize"):
         rln_deconvolve(v, m, normalize="percentile")
     with pytest.raises(ValueError, match=r"3-D \(z, y, x\), got shape \(1, 4, 4, 4\)"):

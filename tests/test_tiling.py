@@ -1,0 +1,137 @@
+"""Tiles: the grid, the memory budget, exact block-wise percentiles, tiled RLN = untiled RLN."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import rln_fast as rf
+from rln_fast import tiling
+from rln_fast.models.rln import RLN
+
+
+@pytest.fixture(scope="module")
+def model() -> RLN:
+    torch.manual_seed(0)
+    return RLN().eval()  # random official initialisation: every layer does something
+
+
+def test_grid_covers_the_volume_once():
+    shape = (37, 50, 23)
+    tiles = tiling.tile_grid(shape, (16, 16, 16), 5)
+    seen = np.zeros(shape, np.int32)
+    for t in tiles:
+        seen[t.core] += 1
+        for c, o, i, s in zip(t.core, t.outer, t.inner, shape, strict=True):
+            assert o.start == max(c.start - 5, 0) and o.stop == min(c.stop + 5, s)
+            assert i.start == c.start - o.start and i.stop - i.start == c.stop - c.start
+    assert (seen == 1).all()
+    assert len(tiles) == 3 * 4 * 2
+
+
+def test_rln_grid_refuses_odd_cuts():
+    with pytest.raises(ValueError, match="even sides"):
+        tiling.tile_grid((40, 40, 40), (15, 16, 16), 16, even=True)
+    with pytest.raises(ValueError, match="even sides"):
+        tiling.tile_grid((40, 40, 40), (16, 16, 16), 15, even=True)
+    # An odd core that covers the whole axis is no cut.
+    assert len(tiling.tile_grid((15, 40, 40), (15, 16, 16), 16, even=True)) == 9
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("4GB", 4 * 10**9), ("4 GiB", 4 << 30), ("4G", 4 << 30), ("512MB", 512 * 10**6),
+    ("1.5GiB", 3 << 29), (1000, 1000), ("2e9", 2 * 10**9)])
+def test_parse_memory(text, expected):
+    assert tiling.parse_memory(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["4 parsecs", "", "-1GB", 0, "GB"])
+def test_parse_memory_refuses(bad):
+    with pytest.raises(ValueError, match="memory budget"):
+        tiling.parse_memory(bad)
+
+
+def test_choose_core_fits_the_budget():
+    shape, halo, bpv = (200, 1000, 900), (16, 16, 16), 256
+    budget = 1 << 30
+    core = tiling.choose_core(shape, budget, bpv, halo)
+    outer = [min(c + 2 * h, s) for c, h, s in zip(core, halo, shape, strict=True)]
+    assert bpv * np.prod(outer) <= budget
+    assert all(c % 16 == 0 or c == s for c, s in zip(core, shape, strict=True))
+    # Not wasteful: one more step on any axis would not fit.
+    assert bpv * np.prod(outer) > budget / 2
+    assert tiling.choose_core((10, 20, 30), budget, bpv, halo) == (10, 20, 30)
+    with pytest.raises(ValueError, match="too small"):
+        tiling.choose_core(shape, 1 << 20, bpv, halo)
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "int16", "int32", "float32", "float64"])
+def test_exact_percentiles_match_numpy(dtype, monkeypatch):
+    rng = np.random.default_rng(1)
+    a = rng.normal(300, 80, (23, 31, 17))
+    a[a < 250] = 0  # many ties, as a dark background has
+    if np.dtype(dtype).kind in "ui":
+        a = np.clip(a, np.iinfo(dtype).min, np.iinfo(dtype).max)
+    a = a.astype(dtype)
+    # Small blocks, so that the histograms really add up over several reads.
+    monkeypatch.setattr(tiling, "_slabs", lambda shape, voxels=0: [
+        (slice(z, min(z + 3, shape[0])), slice(0, shape[1]), slice(0, shape[2]))
+        for z in range(0, shape[0], 3)])
+    q = (0.01, 50, 99.5, 100)
+    expected = np.percentile(a.astype(np.float32), q)
+    np.testing.assert_array_equal(tiling.exact_percentiles(a, q), expected)
+
+
+def test_exact_percentiles_refuse_nan():
+    a = np.ones((4, 4, 4), np.float32)
+    a[1, 2, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        tiling.exact_percentiles(a)
+
+
+@pytest.mark.parametrize("shape,tile", [
+    ((45, 70, 61), (16, 32, 32)),   # sides not multiples of the tile, odd sides
+    ((40, 36, 36), (18, 20, 34)),   # tiles not multiples of 4
+    ((9, 101, 33), (8, 50, 12)),    # thin z, a 1-voxel last core
+])
+@pytest.mark.parametrize("normalize", ["global", None])
+def test_tiled_rln_equals_untiled(model, shape, tile, normalize):
+    rng = np.random.default_rng(2)
+    x = (rng.gamma(2.0, 40.0, shape) + 5).astype(np.float32)
+    full = rf.rln_deconvolve(x, model, normalize=normalize, progress=False)
+    tiled = rf.rln_deconvolve(x, model, normalize=normalize, tile=tile, progress=False)
+    assert np.abs(tiled - full).max() <= 1e-5 * np.abs(full).max()
+
+
+def test_tiled_rln_from_a_budget_torch_in_torch_out(model):
+    x = torch.rand(36, 80, 72) * 100
+    full = rf.rln_deconvolve(x, model, progress=False)
+    # 256 B/voxel planned: 30 MB allows outer boxes of ~117k voxels, so several tiles.
+    assert tiling.choose_core(x.shape, 30 * 10**6, tiling.RLN_BYTES_PER_VOXEL, 16) < (36, 80, 72)
+    tiled = rf.rln_deconvolve(x, model, memory_budget="30MB", progress=False)
+    assert isinstance(tiled, torch.Tensor) and tiled.dtype == torch.float32
+    assert (tiled - full).abs().max() <= 1e-5 * full.abs().max()
+
+
+def test_halo_16_is_needed(model, monkeypatch):
+    """The test above can fail: with a halo of 8 the seams exceed its tolerance (the influence
+    of a voxel fades with distance, so 12-14 would pass it; 16 is the receptive field)."""
+    rng = np.random.default_rng(3)
+    x = (rng.gamma(2.0, 40.0, (40, 40, 40)) + 5).astype(np.float32)
+    full = rf.rln_deconvolve(x, model, progress=False)
+    monkeypatch.setattr(tiling, "RLN_HALO", 8)
+    short = rf.rln_deconvolve(x, model, tile=(20, 20, 20), progress=False)
+    assert np.abs(short - full).max() > 1e-5 * np.abs(full).max()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(tile=(15, 16, 16)), "even sides"),
+    (dict(tile=(1, 16, 16)), "tile sides must be >= 2"),
+    (dict(tile=(16, 16)), "3 ints"),
+    (dict(tile=(16, 16, 16), memory_budget="1GB"), "not both"),
+    (dict(memory_budget="lots"), "not understood"),
+])
+def test_tile_arguments_are_checked(model, kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        rf.rln_deconvolve(np.ones((40, 40, 40), np.float32), model, progress=False, **kwargs)
