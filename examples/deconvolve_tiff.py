@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import tifffile
 import torch
 
 import rln_fast as rf
@@ -24,26 +23,19 @@ import rln_fast as rf
 def read_stack(path: Path, voxel_size: list[float] | None) -> tuple[np.ndarray, tuple]:
     """The stack (z, y, x) and its voxel size (dz, dy, dx) in µm.
 
-    The voxel size comes from --voxel-size or, failing that, from ImageJ metadata (z spacing
-    and the x/y resolution tags); a deconvolution PSF is wrong without it, so never guess.
+    rf.io.read takes the voxel size from ImageJ or OME metadata; --voxel-size overrides it.
+    A deconvolution PSF is wrong without it, so never guess.
     """
-    with tifffile.TiffFile(path) as tif:
-        stack = tif.asarray()
-        if voxel_size is None and tif.imagej_metadata and "spacing" in tif.imagej_metadata:
-            x_res = tif.pages[0].tags["XResolution"].value  # pixels per unit, as a fraction
-            y_res = tif.pages[0].tags["YResolution"].value
-            voxel_size = [tif.imagej_metadata["spacing"], y_res[1] / y_res[0], x_res[1] / x_res[0]]
+    stack, meta = rf.io.read(path)
+    voxel_size = voxel_size or meta["voxel_size"]
     if voxel_size is None:
         raise SystemExit(f"{path}: no voxel size in the file; pass --voxel-size DZ DY DX (µm)")
-    if stack.ndim != 3:
-        raise SystemExit(f"{path}: expected one 3-D (z, y, x) stack, got shape {stack.shape}")
     return stack, tuple(float(v) for v in voxel_size)
 
 
 def write_stack(path: Path, stack: np.ndarray, voxel_size: tuple) -> None:
-    dz, dy, dx = voxel_size
-    tifffile.imwrite(path, stack.astype(np.float32), imagej=True, resolution=(1 / dx, 1 / dy),
-                     metadata={"spacing": dz, "unit": "um", "axes": "ZYX"})
+    # Written atomically, with the voxel size in the ImageJ metadata.
+    rf.io.write(path, stack.astype(np.float32), voxel_size=voxel_size)
 
 
 def psf_grid(shape: tuple) -> tuple:

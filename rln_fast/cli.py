@@ -652,5 +652,110 @@ def bench_cmd(device: str | None, size: Any, quick: bool, rounds: int | None,
         click.echo(f"wrote {json_path}")
 
 
+# --------------------------------------------------------------------------- deconvolve
+
+_ACCELERATIONS = {"biggs": "biggs", "none": None}
+
+
+def _deconvolve(input_path: Path, output: Path, method: str, **kw: Any) -> None:
+    from .distributed import deconvolve_file
+
+    if kw.pop("skip_existing") and output.exists():
+        click.echo(f"{output} exists; skipped (--skip-existing)")
+        return
+    if not input_path.exists():
+        raise CommandError(f"input {input_path} does not exist; check the path")
+    if output.resolve() == input_path.resolve():
+        raise CommandError(f"output {output} is the input; choose another output path")
+    if method == "rl" and kw["psf"] is None:
+        raise CommandError("--method rl needs --psf PSF.tif (make one with `rln-fast psf`)")
+    if method == "rln" and kw["psf"] is not None:
+        raise CommandError("--psf is for --method rl; RLN learned its PSF in training")
+    rl_options = {"acceleration": _ACCELERATIONS[kw.pop("acceleration")], "edges": kw.pop("edges"),
+                  "tv": kw.pop("tv"), "background": kw.pop("background")}
+    bg = rl_options["background"]
+    if bg != "auto":
+        try:
+            rl_options["background"] = float(bg)
+        except ValueError:
+            raise CommandError(f"--background {bg!r}: give a number or 'auto'") from None
+    normalize = kw.pop("normalize")
+    summary = deconvolve_file(
+        input_path, output, method=method, rl_options=rl_options,
+        normalize=None if normalize == "none" else normalize, device=_check_device(kw.pop("device")),
+        voxel_size=kw.pop("voxel_size") or None, tile=kw.pop("tile") or None,
+        scheduler=kw.pop("scheduler"), n_workers=kw.pop("workers"), resume=kw.pop("resume"),
+        num_iter=kw.pop("iterations"),
+        model=kw.pop("model"), official_checkpoint=kw.pop("official_checkpoint"), **kw)
+    resumed = summary["resumed_blocks"]
+    click.echo(f"wrote {output}: {summary['blocks']} block(s) of {summary['block']}"
+               + (f", {resumed} kept from an interrupted run" if resumed else "")
+               + f", {summary['seconds']:.1f} s")
+
+
+def _deconvolve_options(fn: Callable) -> Callable:
+    options = [
+        click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path)),
+        click.argument("output", type=click.Path(path_type=Path)),
+        click.option("--model", default="default", show_default=True,
+                     help="RLN weights: 'default' (shipped) or a .pt file from RLN.save / train."),
+        click.option("--official-checkpoint", default=None, metavar="PREFIX",
+                     help="RLN from the released TF checkpoint (prefix of model.ckpt-N.*)."),
+        click.option("--psf", type=click.Path(path_type=Path), default=None,
+                     help="PSF file for --method rl (TIFF/Zarr; resampled when its voxel size "
+                          "differs from the image's)."),
+        click.option("--iterations", type=click.IntRange(min=0), default=20, show_default=True,
+                     help="Richardson-Lucy iterations."),
+        click.option("--acceleration", type=click.Choice(["biggs", "none"]), default="biggs",
+                     show_default=True),
+        click.option("--edges", type=click.Choice(["bertero", "periodic", "reflect"]),
+                     default="bertero", show_default=True),
+        click.option("--tv", type=float, default=0.0, show_default=True,
+                     help="RL-TV weight (0: none)."),
+        click.option("--background", default="0", show_default=True,
+                     help="RL background: a number or 'auto'."),
+        click.option("--normalize", type=click.Choice(["global", "none"]), default="global",
+                     show_default=True, help="RLN input normalisation (percentiles of the volume)."),
+        click.option("--voxel-size", nargs=3, type=float, default=None, metavar="DZ DY DX",
+                     help="µm; default: read from the input's metadata."),
+        click.option("--tile", nargs=3, type=int, default=None, metavar="D H W",
+                     help="Block (tile core) sides; default: from --memory-budget."),
+        click.option("--memory-budget", default=None, metavar="SIZE",
+                     help="Memory for one block's work, e.g. 4GB (default: what is free)."),
+        click.option("--device", default=None, help="cpu or cuda (default: cuda when available)."),
+        click.option("--scheduler", default=None, metavar="ADDRESS",
+                     help="Run on Dask: 'local' (a LocalCluster here) or a scheduler address."),
+        click.option("--workers", type=click.IntRange(min=1), default=None,
+                     help="Workers of the local Dask cluster."),
+        click.option("--ngff", type=click.Choice(["0.5", "0.4"]), default="0.5",
+                     show_default=True, help="OME-Zarr version of a .zarr output."),
+        click.option("--skip-existing", is_flag=True, help="Do nothing when OUTPUT exists."),
+        click.option("--resume/--no-resume", default=True, show_default=True,
+                     help="Keep the finished blocks of an interrupted run."),
+        click.option("--progress/--no-progress", default=True, show_default=True),
+    ]
+    for opt in reversed(options):
+        fn = opt(fn)
+    return fn
+
+
+@main.command("deconvolve")
+@click.option("--method", type=click.Choice(["rln", "rl"]), default="rln", show_default=True)
+@_deconvolve_options
+@clean_errors("deconvolve")
+def deconvolve_cmd(input_path: Path, output: Path, method: str, **kw: Any) -> None:
+    """Deconvolve INPUT (TIFF, OME-TIFF, OME-Zarr) into OUTPUT (.tif, .ome.tif, .zarr), block by
+    block within the memory budget; an interrupted run resumes where it stopped."""
+    _deconvolve(input_path, output, method, **kw)
+
+
+@main.command("rln")
+@_deconvolve_options
+@clean_errors("rln")
+def rln_cmd(input_path: Path, output: Path, **kw: Any) -> None:
+    """Same as `deconvolve --method rln`."""
+    _deconvolve(input_path, output, "rln", **kw)
+
+
 if __name__ == "__main__":
     main()

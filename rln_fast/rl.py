@@ -373,6 +373,8 @@ def richardson_lucy(
     callback: Callable[[int, torch.Tensor], Any] | None = None,
     progress: bool = True,
     rtol: float | None = None,
+    tile: Any = None,
+    memory_budget: Any = None,
 ) -> Any:
     """Richardson–Lucy deconvolution of a 3-D image (z, y, x).
 
@@ -404,6 +406,17 @@ def richardson_lucy(
             it to keep it). Returning True stops the iterations.
         progress: show a tqdm bar when tqdm is installed.
         rtol: stop once ||x_k+1 - x_k|| / ||x_k+1|| < rtol (None: run num_iter iterations).
+        tile: None (the whole image at once), an int or (D, H, W): run tile by tile with
+            these core sides, each tile reading a halo of two PSF extents per axis and solved
+            on its own (same edges mode). Plain RL (acceleration=None) then differs from the
+            untiled result by ~1e-5 of the maximum at most, at the seams. With "biggs" each
+            tile extrapolates with its own step sizes, so tiles differ from the untiled run
+            by ~1% (RMS) everywhere, each still a proper accelerated RL result.
+            background="auto" is taken over the whole image.
+        memory_budget: bytes or a string such as "4GB" for one tile's working memory on
+            ``device``; the largest tile that fits is used (tile and memory_budget exclude
+            each other). A budget the whole job fits in runs untiled.
+
 
     Returns:
         float32 deconvolved image (z, y, x), not clipped or rescaled.
@@ -414,6 +427,10 @@ def richardson_lucy(
     the image is used in place when it is float32 on the compute device.
     """
     _check_args(num_iter, method, acceleration, tv, background, edges, callback, rtol)
+    if tile is not None or memory_budget is not None:
+        return _tiled(image, psf, tile, memory_budget, device, progress, callback,
+                      dict(num_iter=num_iter, method=method, acceleration=acceleration, tv=tv,
+                           background=background, edges=edges, rtol=rtol))
     src, kind = _as_tensor(image, "image")
     _check_real(src, "image")
     if src.dim() != 3:
@@ -487,3 +504,48 @@ def _solve(job: _Job, level: float, m: tuple[int, ...], num_iter: int, accelerat
         if bar is not None:
             bar.close()
     return job.crop(x, m).contiguous()
+
+
+def _tiled(image: Any, psf: Any, tile: Any, memory_budget: Any, device: Any, progress: bool,
+           callback: Any, kw: dict[str, Any]) -> Any:
+    """richardson_lucy tile by tile (see its ``tile`` argument)."""
+    from rln_fast import tiling  # noqa: PLC0415 - tiling imports nothing of rl, kept lazy anyway
+
+    if callback is not None:
+        raise ValueError("callback= needs the whole image at once; it cannot be combined with "
+                         "tile= or memory_budget=")
+    if tile is not None and memory_budget is not None:
+        raise ValueError("give tile= or memory_budget=, not both")
+    src, kind = _as_tensor(image, "image")
+    _check_real(src, "image")
+    if src.dim() != 3:
+        raise ValueError(f"image must be 3-D (z, y, x), got {src.dim()}-D of shape {tuple(src.shape)}")
+    dev = torch.device(device) if device is not None else src.device
+    k = _prepare_psf(psf, tuple(src.shape), kw["method"])
+    halo = tiling.rl_halo(k.shape)
+    shape = tuple(src.shape)
+    if tile is not None:
+        core = tuple(min(c, s) for c, s in zip(tiling._triplet(tile, "tile"), shape, strict=True))
+        if min(core) < 1:
+            raise ValueError(f"tile sides must be >= 1, got {core}")
+    else:
+        extra = tuple(p - 1 for p in k.shape) if kw["edges"] == "bertero" else (0, 0, 0)
+        core = tiling.choose_core(shape, tiling.parse_memory(memory_budget),
+                                  tiling.RL_BYTES_PER_VOXEL, halo, extra=extra)
+    if kw["background"] == "auto":
+        with torch.no_grad():
+            kw["background"] = _auto_background(src.to(dev, torch.float32))
+    tiles = tiling.tile_grid(shape, core, halo)
+    out = torch.empty(shape, dtype=torch.float32, device=src.device)
+    bar = tiling.progress_bar(len(tiles), "richardson_lucy tiles", progress)
+    try:
+        for t in tiles:
+            block = src[t.outer].to(dev)
+            res = richardson_lucy(block, k, device=dev, progress=False, **kw)
+            out[t.core] = res[t.inner].to(out.device)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return _to_kind(out, kind, src.device)

@@ -183,8 +183,12 @@ def choose_core(
     return tuple(core)  # type: ignore[return-value]
 
 
-def rl_halo(psf_shape: Sequence[int], widths: float = 1.0) -> tuple[int, int, int]:
-    """RL halo per axis: ``widths`` times the PSF's extent (its array side), at least 4."""
+def rl_halo(psf_shape: Sequence[int], widths: float = 2.0) -> tuple[int, int, int]:
+    """RL halo per axis: ``widths`` times the PSF's extent (its array side), at least 4.
+
+    Measured (tests/test_tiling.py, 20 plain RL iterations, 9x15x15 PSF): the largest seam
+    error is 9.5e-6 of the image maximum at 2 extents, 1.1e-3 at 1, 8.9e-3 at 0.5.
+    """
     return tuple(max(4, int(math.ceil(widths * p))) for p in psf_shape)  # type: ignore[return-value]
 
 
@@ -234,12 +238,8 @@ def exact_percentiles(volume: Any, q: Sequence[float] = (0.01, 99.5), *,
     ranks = sorted({min(int(math.floor(p)) + d, n - 1) for p in pos for d in (0, 1)})
     dtype = np.dtype(volume.dtype)
     slabs = list(_slabs(shape))
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(slabs) * (1 if dtype.kind in "ui" and dtype.itemsize <= 2 else 2),
-                   desc="percentiles", unit="block", leave=False)
+    passes = 1 if dtype.kind in "ui" and dtype.itemsize <= 2 else 2
+    bar = progress_bar(len(slabs) * passes, "percentiles", progress, unit="block")
     values: dict[int, float] = {}
     try:
         if dtype.kind in "ui" and dtype.itemsize <= 2:

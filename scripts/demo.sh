@@ -4,4 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-"${PYTHON:-python3}" -m rln_fast.cli demo "$@"
+# The rln-fast command the install put beside this Python (or on PATH).
+PY=${PYTHON:-python3}
+BIN="$("$PY" -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/rln-fast"
+if [ -x "$BIN" ]; then "$BIN" demo "$@"; else "$PY" -m rln_fast.cli demo "$@"; fi

@@ -1,0 +1,373 @@
+"""Deconvolution of volumes on disk, block by block: in this process, or one task per block on a
+Dask cluster; and ``map_overlap`` for a dask array already in hand.
+
+Every block reads its core plus halo from the input (TIFF or Zarr, never the whole file),
+runs RLN or RL on the chosen device and writes its core to the output, which records the
+block as done; a rerun skips recorded blocks, so an interrupted run resumes. RLN blocks give
+exactly the untiled result (tiling.py says why); RL blocks differ at the seams by the
+amount tests/test_tiling.py measures. dask, distributed and zarr are imported only here,
+inside the functions that use them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rln_fast import io, tiling
+
+__all__ = ["BlockJob", "deconvolve_file", "make_job", "map_overlap"]
+
+_METHODS = ("rln", "rl")
+
+
+def _pick_device(device: Any) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA GPU here; "
+                           "use --device cpu or install a CUDA build of torch")
+    return dev
+
+
+@dataclass
+class BlockJob:
+    """What one block needs, picklable (sent to Dask workers): the method and its parameters,
+    the volume's normalisation statistics, and the device name (None: CUDA when there is
+    one on the worker)."""
+
+    method: str
+    halo: tuple[int, int, int]
+    even: bool
+    fused: Any = None                # FusedRLN on the CPU (rln)
+    normalize: str | None = "global"
+    rescale: bool = True
+    stats: tuple[float, float] = (0.0, 0.0)
+    psf: np.ndarray | None = None    # (rl)
+    rl: dict[str, Any] = field(default_factory=dict)
+    device: str | None = None
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What the output depends on, for the resume record (JSON-able)."""
+        h = hashlib.sha256()
+        if self.fused is not None:
+            for k, v in sorted(self.fused.state_dict().items()):
+                h.update(k.encode())
+                h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        if self.psf is not None:
+            h.update(np.ascontiguousarray(self.psf, np.float32).tobytes())
+        return {"method": self.method, "halo": list(self.halo), "normalize": self.normalize,
+                "rescale": self.rescale, "stats": [float(s) for s in self.stats],
+                "rl": {k: v for k, v in sorted(self.rl.items())}, "weights": h.hexdigest()}
+
+    def compute(self, block: np.ndarray) -> torch.Tensor:
+        """The deconvolved outer box (float32, on the compute device)."""
+        dev = _pick_device(self.device)
+        x = torch.from_numpy(np.asarray(block)).to(dev, torch.float32)
+        if self.method == "rln":
+            from rln_fast.deconvolve import _rln_block
+
+            if self.fused.w_e1.device != dev:
+                self.fused = self.fused.to(dev)
+            mi, ma = self.stats
+            return _rln_block(x, self.fused, mi, ma, self.normalize, self.rescale)
+        from rln_fast.rl import richardson_lucy
+
+        return richardson_lucy(x, self.psf, device=dev, progress=False, **self.rl)
+
+    def run(self, source: io.Volume, out: io.OutputVolume, tile: tiling.Tile) -> tuple[int, ...]:
+        """Read the tile's outer box, deconvolve it, write its core; returns the block index."""
+        y = self.compute(source[tile.outer])
+        out.write_block(tile.index, y[tile.inner].cpu().numpy())
+        return tile.index
+
+
+def _load_model(model: Any, official_checkpoint: Any) -> Any:
+    from rln_fast.models.rln import RLN, FusedRLN
+
+    if official_checkpoint is not None:
+        if model not in (None, "default"):
+            raise ValueError("give a model or an official checkpoint, not both")
+        model = RLN.from_official_checkpoint(str(official_checkpoint))
+    elif model is None or model == "default":
+        model = RLN.from_pretrained()
+    elif isinstance(model, (str, os.PathLike)):
+        if not Path(model).is_file():
+            raise FileNotFoundError(f"model file {model} does not exist; give a file written by "
+                                    "RLN.save / rln-fast train, or 'default'")
+        model = RLN.load(model)
+    if isinstance(model, RLN):
+        model = model.eval().fuse()
+    if not isinstance(model, FusedRLN):
+        raise TypeError(f"model must be an RLN, a FusedRLN, a path or 'default', got "
+                        f"{type(model).__name__}")
+    return model.to("cpu", torch.float32).eval()
+
+
+def _load_psf(psf: Any, image_voxel: Any) -> np.ndarray:
+    if psf is None:
+        raise ValueError("Richardson-Lucy needs a PSF: give psf= (a file or an array); "
+                         "`rln-fast psf` makes one from the optics")
+    if isinstance(psf, (str, os.PathLike)):
+        arr, meta = io.read(psf)
+        psf_voxel = meta.get("voxel_size")
+        if psf_voxel and image_voxel and not np.allclose(psf_voxel, image_voxel, rtol=1e-3):
+            from rln_fast import psf as psf_models
+
+            arr = psf_models.prepare(arr, psf_voxel, image_voxel)
+        psf = arr
+    k = np.asarray(psf, dtype=np.float32)
+    if k.ndim != 3:
+        raise ValueError(f"the PSF must be 3-D (z, y, x), got shape {k.shape}")
+    if not np.isfinite(k).all() or not k.sum() > 0:
+        raise ValueError("the PSF must be finite with a positive sum (it is all zeros, "
+                         "negative or has NaN/Inf)")
+    return k
+
+
+def make_job(volume: Any, *, method: str = "rln", model: Any = None,
+             official_checkpoint: Any = None, psf: Any = None, num_iter: int = 20,
+             rl_options: dict[str, Any] | None = None, normalize: str | None = "global",
+             rescale: bool = True, device: Any = None, voxel_size: Any = None,
+             progress: bool = False) -> BlockJob:
+    """The BlockJob for ``volume`` (anything with shape, dtype and box reads): loads the model
+    or PSF and, for RLN, takes the normalisation percentiles over the whole volume."""
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    dev = None if device is None else str(_pick_device(device))
+    if method == "rln":
+        from rln_fast.deconvolve import _NORMALIZE, _P_HIGH, _P_LOW
+
+        if normalize not in _NORMALIZE:
+            raise ValueError(f"normalize must be one of {_NORMALIZE}, got {normalize!r}")
+        if normalize == "official":
+            raise ValueError("normalize='official' normalises each volume on its own; block by "
+                             "block it would differ per block, use 'global'")
+        fused = _load_model(model, official_checkpoint)
+        stats = (0.0, 0.0)
+        if normalize is not None:
+            stats = tiling.exact_percentiles(volume, (_P_LOW, _P_HIGH), progress=progress)
+        return BlockJob("rln", (tiling.RLN_HALO,) * 3, True, fused=fused, normalize=normalize,
+                        rescale=rescale, stats=stats, device=dev)
+    k = _load_psf(psf, voxel_size)
+    if any(p > s for p, s in zip(k.shape, volume.shape, strict=True)):
+        raise ValueError(f"the PSF {k.shape} is larger than the image {tuple(volume.shape)} on "
+                         "some axis; crop it (rln_fast.psf.prepare) or use a larger image")
+    rl = dict(num_iter=int(num_iter), **(rl_options or {}))
+    if rl.get("background") == "auto":  # the 1st percentile, as richardson_lucy's "auto"
+        rl["background"] = tiling.exact_percentiles(volume, (1.0,), progress=progress)[0]
+    elif np.dtype(volume.dtype).kind == "f":
+        _check_finite(volume)  # before any block is written (exact_percentiles checks too)
+    return BlockJob("rl", tiling.rl_halo(k.shape), False, psf=k, rl=rl, device=dev)
+
+
+def _check_finite(volume: Any) -> None:
+    for sl in tiling._slabs(volume.shape):
+        block = np.asarray(volume[sl])
+        bad = int(block.size - np.isfinite(block).sum())
+        if bad:
+            raise ValueError(f"the volume contains NaN or Inf (z {sl[0].start}..{sl[0].stop - 1}); "
+                             "replace them before deconvolving")
+
+
+def _plan(job: BlockJob, shape: tuple[int, ...], tile: Any, memory_budget: Any) -> tuple:
+    if tile is not None:
+        core = tiling._triplet(tile, "tile")
+        core = tuple(min(c, s) for c, s in zip(core, shape, strict=True))
+        if min(core) < 2:
+            raise ValueError(f"tile sides must be >= 2, got {core}")
+    else:
+        budget = (tiling.parse_memory(memory_budget) if memory_budget is not None
+                  else tiling.available_memory(_pick_device(job.device)))
+        if job.method == "rln":
+            core = tiling.choose_core(shape, budget, tiling.RLN_BYTES_PER_VOXEL, job.halo)
+        else:
+            extra = tuple(p - 1 for p in job.psf.shape)
+            core = tiling.choose_core(shape, budget, tiling.RL_BYTES_PER_VOXEL, job.halo,
+                                      extra=extra)
+    tiles = tiling.tile_grid(shape, core, job.halo, even=job.even)
+    return core, tiles
+
+
+def deconvolve_file(
+    input: str | os.PathLike, output: str | os.PathLike, *, method: str = "rln",
+    model: Any = None, official_checkpoint: Any = None, psf: Any = None, num_iter: int = 20,
+    rl_options: dict[str, Any] | None = None, normalize: str | None = "global",
+    rescale: bool = True, tile: Any = None, memory_budget: Any = None, device: Any = None,
+    voxel_size: Any = None, ngff: str = "0.5", scheduler: Any = None, n_workers: int | None = None,
+    resume: bool = True, progress: bool = True,
+) -> dict[str, Any]:
+    """Deconvolve a TIFF/Zarr volume into a TIFF/OME-Zarr file (format by suffix), streaming.
+
+    method "rln" (model: None/"default" = the shipped one, a path from RLN.save, an RLN; or
+    official_checkpoint = a TF checkpoint prefix) or "rl" (psf: a file or an array;
+    num_iter; rl_options: richardson_lucy's keywords such as acceleration, edges, tv,
+    background). tile (D, H, W) or memory_budget ("4GB"; default: what is free on the device)
+    sets the block size; the output is float32, written as one block per tile (a Zarr shard
+    each), voxel size from the input unless ``voxel_size`` is given. scheduler: None (this
+    process), "local" (a Dask LocalCluster, or dask-cuda's LocalCUDACluster with one worker
+    per GPU when installed) or a scheduler address. resume: keep the finished blocks of an
+    interrupted run with the same inputs and settings. Returns a summary (blocks, seconds).
+    """
+    t0 = time.perf_counter()
+    src = io.open_volume(input)
+    vox = tuple(voxel_size) if voxel_size is not None else src.voxel_size
+    job = make_job(src, method=method, model=model, official_checkpoint=official_checkpoint,
+                   psf=psf, num_iter=num_iter, rl_options=rl_options, normalize=normalize,
+                   rescale=rescale, device=device, voxel_size=vox, progress=progress)
+    core, tiles = _plan(job, src.shape, tile, memory_budget)
+    st = os.stat(src.path) if src.path.is_file() else None
+    fingerprint = {"input": str(src.path.resolve()), "input_bytes": st.st_size if st else None,
+                   "input_mtime_ns": st.st_mtime_ns if st else None, **job.fingerprint()}
+    out = io.create_output(output, src.shape, np.float32, core, voxel_size=vox, ngff=ngff,
+                           fingerprint=fingerprint, resume=resume)
+    done = out.done_blocks()
+    todo = [t for t in tiles if t.index not in done]
+    try:
+        if scheduler is None:
+            _run_here(job, src, out, todo, progress)
+        else:
+            _run_dask(job, src, out, todo, scheduler, n_workers, progress)
+        out.finalize()
+    except (KeyboardInterrupt, OSError, io.ImageIOError):
+        out.abort(keep_record=True)  # interrupted, or the disk (full, unreadable): a rerun resumes
+        raise
+    except BaseException:
+        out.abort(keep_record=False)  # bad data or settings: nothing worth resuming
+        raise
+    finally:
+        src.close()
+    return {"blocks": len(tiles), "resumed_blocks": len(tiles) - len(todo), "block": core,
+            "halo": job.halo, "seconds": time.perf_counter() - t0, "output": str(output)}
+
+
+def _run_here(job: BlockJob, src: io.Volume, out: io.OutputVolume, todo: list, progress: bool):
+    bar = tiling.progress_bar(len(todo), f"{job.method} blocks", progress, unit="block")
+    try:
+        for t in todo:
+            job.run(src, out, t)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _run_block(job: BlockJob, src: io.Volume, out: io.OutputVolume, tile: tiling.Tile):
+    """A Dask task: the torch threads follow the worker's share of the cores."""
+    try:
+        from distributed import get_worker
+
+        torch.set_num_threads(max(1, get_worker().state.nthreads))
+    except (ImportError, ValueError):
+        pass
+    return job.run(src, out, tile)
+
+
+def _client(scheduler: Any, n_workers: int | None, device: str | None):
+    from distributed import Client, LocalCluster
+
+    if scheduler != "local":
+        return Client(scheduler), None
+    want_gpu = device is None or str(device).startswith("cuda")
+    if want_gpu and torch.cuda.is_available():
+        try:
+            from dask_cuda import LocalCUDACluster
+
+            cluster = LocalCUDACluster(n_workers=n_workers)
+            return Client(cluster), cluster
+        except ImportError:
+            pass
+    n = n_workers or max(1, min(4, os.cpu_count() or 1))
+    threads = max(1, (os.cpu_count() or 1) // n)
+    cluster = LocalCluster(n_workers=n, threads_per_worker=threads, processes=True,
+                           dashboard_address=None)
+    return Client(cluster), cluster
+
+
+def _run_dask(job: BlockJob, src: io.Volume, out: io.OutputVolume, todo: list, scheduler: Any,
+              n_workers: int | None, progress: bool):
+    try:
+        from distributed import as_completed
+    except ImportError as e:
+        raise RuntimeError("scheduler= needs dask.distributed: pip install 'rln-fast[dask]'") from e
+    client, cluster = _client(scheduler, n_workers, job.device)
+    bar = tiling.progress_bar(len(todo), f"{job.method} blocks", progress, unit="block")
+    try:
+        [job_f] = client.scatter([job], broadcast=True)
+        futures = [client.submit(_run_block, job_f, src, out, t, pure=False) for t in todo]
+        for f in as_completed(futures):
+            f.result()
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def map_overlap(array: Any, *, method: str = "rln", model: Any = None, psf: Any = None,
+                num_iter: int = 20, rl_options: dict[str, Any] | None = None,
+                normalize: str | None = "global", rescale: bool = True, device: Any = None):
+    """Deconvolve a (z, y, x) dask array lazily: a dask array of float32 with the same shape.
+
+    Each chunk is computed with its halo (``dask.array.map_overlap``); for RLN the chunks are
+    first made even-sized so that the result equals the untiled one, and the normalisation
+    percentiles are taken over the whole array now (one pass over it).
+    """
+    import dask.array as da
+
+    if not isinstance(array, da.Array):
+        raise TypeError(f"map_overlap takes a dask array, got {type(array).__name__}")
+    if array.ndim != 3:
+        raise ValueError(f"the array must be 3-D (z, y, x), got shape {array.shape}")
+    job = make_job(array, method=method, model=model, psf=psf, num_iter=num_iter,
+                   rl_options=rl_options, normalize=normalize, rescale=rescale, device=device)
+    if job.even:
+        array = array.rechunk(tuple(_even_chunks(c) for c in array.chunks))
+    # dask needs each chunk at least as large as the halo it lends its neighbours.
+    array = array.rechunk(tuple(_at_least(c, h) for c, h in zip(array.chunks, job.halo, strict=True)))
+
+    def fn(block: np.ndarray) -> np.ndarray:
+        return job.compute(block).cpu().numpy()
+
+    depth = {ax: 0 if len(c) == 1 else h
+             for ax, (c, h) in enumerate(zip(array.chunks, job.halo, strict=True))}
+    return array.map_overlap(fn, depth=depth, boundary="none", trim=True, dtype=np.float32,
+                             meta=np.empty((0, 0, 0), np.float32))
+
+
+def _even_chunks(chunks: tuple[int, ...]) -> tuple[int, ...]:
+    """Chunk sizes with every boundary on an even coordinate (sizes even but the last)."""
+    total = sum(chunks)
+    size = max(2, max(chunks) + max(chunks) % 2)
+    out = [size] * (total // size)
+    if total % size:
+        out.append(total % size)
+    return tuple(out)
+
+
+def _at_least(chunks: tuple[int, ...], halo: int) -> tuple[int, ...]:
+    if len(chunks) == 1 or min(chunks) >= halo:
+        return chunks
+    total = sum(chunks)
+    size = max(max(chunks), halo)
+    size += size % 2
+    out = [size] * (total // size)
+    rest = total % size
+    if rest:
+        if rest < halo and out:
+            out[-1] += rest  # merge a short tail into the last chunk
+        else:
+            out.append(rest)
+    return tuple(out)

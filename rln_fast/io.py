@@ -1,0 +1,845 @@
+"""Volume I/O: TIFF (plain, ImageJ, OME) and OME-Zarr (NGFF 0.4 / 0.5): whole, lazy, block-wise.
+
+Axes are always (z, y, x) and voxel sizes (dz, dy, dx) in µm. ``read``/``write`` move whole
+volumes; ``open_volume`` reads boxes without loading the file; ``create_output`` writes a volume
+block by block from one or many processes, atomically and resumably (``<path>.partial`` plus a
+block record ``<path>.blocks/``, renamed into place by ``finalize``).
+
+Format names (``meta["format"]``, ``Volume.format``, ``OutputVolume.format``): "tiff" (plain),
+"imagej-tiff", "ome-tiff", "zarr" (a plain array), "ome-zarr-0.4", "ome-zarr-0.5".
+
+zarr and dask are imported inside functions: a machine without zarr can still use TIFF.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import re
+import shutil
+import struct
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["ImageIOError", "OutputVolume", "Volume", "create_output", "open_volume", "read",
+           "write"]
+
+NGFF_VERSIONS = ("0.4", "0.5")
+# ImageJ stores 8-bit, 16-bit (signed or not) and 32-bit float only (tifffile enforces it).
+_IMAGEJ_DTYPES = tuple(np.dtype(c) for c in "BHhf")
+# Inner chunks of a Zarr v3 shard: the largest divisor of the block axis up to this size.
+_MAX_INNER_CHUNK = 64
+_MIN_INNER_CHUNK = 8
+_DEFAULT_SHARD = 256
+_DEFAULT_CHUNK_V2 = 64
+
+# Length units seen in OME-XML, ImageJ descriptions and NGFF axes, as µm per unit.
+_UM_PER_UNIT = {
+    "micrometer": 1.0, "micron": 1.0, "microns": 1.0, "um": 1.0, "µm": 1.0, "μm": 1.0,
+    "nanometer": 1e-3, "nm": 1e-3, "picometer": 1e-6, "pm": 1e-6,
+    "angstrom": 1e-4, "å": 1e-4, "millimeter": 1e3, "mm": 1e3,
+    "centimeter": 1e4, "cm": 1e4, "meter": 1e6, "m": 1e6,
+}
+# TIFF ResolutionUnit tag: 2 inch, 3 centimetre (1 = none).
+_UM_PER_RESOLUTION_UNIT = {2: 25400.0, 3: 1e4}
+
+# Axis letters (tifffile's codes, NGFF names upper-cased). Singletons of the non-spatial ones
+# are squeezed first; "?" marks an axis whose meaning the file does not say.
+_SPATIAL = "ZYX"
+_GENERIC = "?QI"
+
+
+class ImageIOError(ValueError):
+    """A volume could not be read or written; the message says what, which file, what to do."""
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _to_um(unit: Any) -> float | None:
+    if not isinstance(unit, str):
+        return None
+    u = unit.strip().replace("\\u00B5", "µ").replace("\\u00b5", "µ").lower()
+    return _UM_PER_UNIT.get(u)
+
+
+def _check_voxel_size(voxel_size: Any, where: Path) -> tuple[float, float, float] | None:
+    if voxel_size is None:
+        return None
+    try:
+        v = tuple(float(s) for s in voxel_size)
+    except (TypeError, ValueError):
+        v = ()
+    if len(v) != 3 or not all(math.isfinite(s) and s > 0 for s in v):
+        raise ImageIOError(f"writing {where}: voxel_size must be three positive numbers "
+                           f"(dz, dy, dx) in µm, got {voxel_size!r}")
+    return v
+
+
+def _check_ngff(ngff: Any, where: Path) -> str:
+    version = str(ngff)
+    if version not in NGFF_VERSIONS:
+        raise ImageIOError(f"writing {where}: ngff must be one of {', '.join(NGFF_VERSIONS)}, "
+                           f"got {ngff!r}")
+    return version
+
+
+def _is_zarr(path: Path) -> bool:
+    return any(p.suffix.lower() == ".zarr" for p in (path, *path.parents))
+
+
+def _output_format(path: Path, ngff: str) -> str:
+    name = path.name.lower()
+    if name.endswith((".ome.tif", ".ome.tiff")):
+        return "ome-tiff"
+    if name.endswith((".tif", ".tiff")):
+        return "imagej-tiff"
+    if name.endswith(".zarr"):
+        return f"ome-zarr-{ngff}"
+    raise ImageIOError(f"cannot write {path}: unknown output type; end the name in .tif, "
+                       ".tiff, .ome.tif, .ome.tiff, .zarr or .ome.zarr")
+
+
+def _to_numpy(arr: Any) -> np.ndarray:
+    if hasattr(arr, "detach") and hasattr(arr, "cpu"):  # torch, any device
+        arr = arr.detach().cpu().numpy()
+    elif hasattr(arr, "__cuda_array_interface__") and hasattr(arr, "get"):  # cupy
+        arr = arr.get()
+    return np.asarray(arr)
+
+
+def _as_volume(arr: Any, where: Path) -> np.ndarray:
+    data = _to_numpy(arr)
+    while data.ndim > 3 and data.shape[0] == 1:  # (N=1, C=1, z, y, x) from a model
+        data = data[0]
+    if data.ndim != 3:
+        raise ImageIOError(f"writing {where}: the array must be 3-D (z, y, x), got shape "
+                           f"{data.shape}")
+    return data
+
+
+def _check_imagej_dtype(dtype: np.dtype, where: Path) -> None:
+    if dtype not in _IMAGEJ_DTYPES:
+        raise ImageIOError(
+            f"writing {where}: ImageJ TIFF holds uint8, uint16, int16 or float32, got {dtype}; "
+            "cast the array (e.g. to float32) or write .ome.tif / .ome.zarr")
+
+
+def _check_folder(path: Path) -> None:
+    folder = path.absolute().parent
+    if not folder.is_dir():
+        raise ImageIOError(f"cannot write {path}: folder {folder} does not exist; create it or "
+                           "choose another output path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ImageIOError(f"cannot write {path}: folder {folder} is not writable; choose "
+                           "another output folder")
+
+
+def _write_error(e: OSError, path: Path) -> ImageIOError:
+    folder = path.absolute().parent
+    if e.errno == errno.ENOSPC:
+        return ImageIOError(f"no space left on device writing {path}; free space on that disk "
+                            "or write the output elsewhere")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return ImageIOError(f"cannot write {path}: folder {folder} is not writable; choose "
+                            "another output folder")
+    return ImageIOError(f"cannot write {path}: {_one_line(e)}; check the output folder {folder}")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink(missing_ok=True)
+
+
+def _replace(tmp: Path, final: Path) -> None:
+    """Move ``tmp`` onto ``final``; an existing ``final`` disappears only once ``tmp`` is there."""
+    if final.exists() and (final.is_dir() or tmp.is_dir()):
+        # rename(2) cannot replace a directory, so the old output steps aside first and comes
+        # back if the move fails; ``final`` never holds partial data.
+        old = final.with_name(f"{final.name}.{os.getpid()}.old")
+        os.replace(final, old)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            os.replace(old, final)
+            raise
+        _remove(old)
+    else:
+        os.replace(tmp, final)
+
+
+# ------------------------------------------------------------------------------------ layout
+
+
+def _squeeze_dims(shape: tuple[int, ...], axes: str, where: Path) -> tuple[int, int, int]:
+    """The three dimensions of ``shape`` that hold (z, y, x), after dropping singleton extras."""
+    nd = len(shape)
+    if nd < 3:
+        raise ImageIOError(f"cannot read {where}: it is a {nd}-D image of shape {shape}, not a "
+                           "3-D volume (z, y, x); give a z-stack")
+    keep = list(range(nd))
+    for droppable in (lambda a: a not in _SPATIAL and a not in _GENERIC,
+                      lambda a: a in _GENERIC):
+        for d in range(nd):
+            if len(keep) > 3 and shape[d] == 1 and droppable(axes[d]):
+                keep.remove(d)
+    kept = "".join(axes[d] for d in keep)
+    # A file that is one plain stack (3-D in all) is a z-stack whatever its first axis is
+    # called: ImageJ and tifffile label such stacks as channels or frames by default.
+    first = "Z" + _GENERIC + ("CT" if nd == 3 else "")
+    spatial_ok = (len(keep) == 3 and kept[0] in first and kept[1] in "Y" + _GENERIC
+                  and kept[2] in "X" + _GENERIC)
+    if not spatial_ok:
+        raise ImageIOError(
+            f"cannot read {where}: a {nd}-D image of shape {shape} (axes {axes}) is not one 3-D "
+            "volume (z, y, x); rln_fast reads a single channel and time point: save each "
+            "channel / time point as its own file")
+    return keep[0], keep[1], keep[2]
+
+
+def _index(keep: Sequence[int], ndim: int, box: tuple[slice, slice, slice]) -> tuple:
+    full: list[Any] = [0] * ndim
+    for d, s in zip(keep, box, strict=True):
+        full[d] = s
+    return tuple(full)
+
+
+def _normalise_box(key: Any, shape: tuple[int, ...]) -> tuple[slice, slice, slice]:
+    if not isinstance(key, tuple) or len(key) != 3 or not all(isinstance(s, slice) for s in key):
+        raise TypeError(f"a Volume is indexed by 3 slices (z, y, x), got {key!r}")
+    box = []
+    for s, n in zip(key, shape, strict=True):
+        start, stop, step = s.indices(n)
+        if step != 1:
+            raise ValueError(f"Volume slices must have step 1, got {s!r}")
+        box.append(slice(start, max(start, stop)))
+    return box[0], box[1], box[2]
+
+
+# ------------------------------------------------------------------------------- TIFF reading
+
+
+def _ome_voxel_size(xml: str) -> tuple[float, float, float] | None:
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return None
+    pixels = next((el for el in root.iter() if el.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+    if pixels is None:
+        return None
+    sizes = []
+    for ax in "ZYX":
+        value = pixels.get(f"PhysicalSize{ax}")
+        factor = _to_um(pixels.get(f"PhysicalSize{ax}Unit", "µm"))
+        if value is None or factor is None:
+            return None
+        sizes.append(float(value) * factor)
+    return sizes[0], sizes[1], sizes[2]
+
+
+def _imagej_voxel_size(tif: Any) -> tuple[float, float, float] | None:
+    ij = tif.imagej_metadata or {}
+    spacing = ij.get("spacing")
+    page = tif.pages.first
+    xres, yres = page.tags.get("XResolution"), page.tags.get("YResolution")
+    if spacing is None or xres is None or yres is None:
+        return None
+    factor = _to_um(ij.get("unit"))
+    if factor is None:  # ImageJ without a unit: the TIFF resolution unit, if any
+        factor = _UM_PER_RESOLUTION_UNIT.get(int(page.tags.valueof("ResolutionUnit", 1)))
+    if factor is None:
+        return None
+    # XResolution/YResolution are pixels per unit, as (numerator, denominator).
+    (xn, xd), (yn, yd) = xres.value, yres.value
+    if not (xn and yn and xd and yd):
+        return None
+    return float(spacing) * factor, yd / yn * factor, xd / xn * factor
+
+
+def _open_tiff(path: Path) -> dict:
+    import tifffile
+
+    try:
+        tif = tifffile.TiffFile(path)
+    except (tifffile.TiffFileError, ValueError, EOFError, struct.error) as e:
+        raise ImageIOError(f"cannot read {path}: not a TIFF image ({_one_line(e)}); give a "
+                           ".tif/.tiff image file") from e
+    try:
+        if not tif.series:
+            raise ImageIOError(f"cannot read {path}: the TIFF holds no image; give a TIFF "
+                               "with a z-stack")
+        series = tif.series[0]
+        shape = tuple(int(n) for n in series.shape)
+        if tif.is_ome:
+            fmt, axes = "ome-tiff", series.axes
+            voxel = _ome_voxel_size(tif.ome_metadata or "")
+        elif tif.is_imagej:
+            fmt, axes = "imagej-tiff", series.axes
+            voxel = _imagej_voxel_size(tif)
+        else:
+            # A plain TIFF says nothing reliable about its leading axes (tifffile even guesses
+            # planar RGB for a 4-plane stack); only interleaved samples (RGB) are believed.
+            fmt, voxel = "tiff", None
+            tail = "YXS" if series.axes.endswith("S") and len(shape) >= 3 else "YX"
+            axes = "?" * (len(shape) - len(tail)) + tail
+        keep = _squeeze_dims(shape, axes, path)
+        if series.dataoffset is not None:  # contiguous, uncompressed: map it
+            data = tifffile.memmap(path, series=0, mode="r")
+            tif.close()
+            closers: list[Any] = []
+        else:
+            zarr = _import_zarr(path, "to read this compressed or tiled TIFF")
+
+            store = series.aszarr(level=0)
+            data = zarr.open_array(store, mode="r")
+            closers = [store, tif]
+    except BaseException:
+        tif.close()
+        raise
+    return {"data": data, "keep": keep, "ndim": len(shape), "format": fmt,
+            "shape": tuple(shape[d] for d in keep),
+            "dtype": np.dtype(series.dtype).newbyteorder("="), "voxel_size": voxel,
+            "closers": closers}
+
+
+# ------------------------------------------------------------------------------- Zarr reading
+
+
+def _ngff_axes(axes: list, n: int) -> tuple[str, list[float | None]]:
+    """Axis letters and µm-per-unit factors (None: not a length) from NGFF ``axes``."""
+    letters, factors = [], []
+    for ax in axes:
+        name = ax.get("name", "") if isinstance(ax, dict) else str(ax)
+        kind = ax.get("type") if isinstance(ax, dict) else None
+        letter = name.upper() if name.upper() in "TCZYX" and len(name) == 1 else None
+        if letter is None:
+            letter = {"time": "T", "channel": "C", "space": "?"}.get(kind or "", "?")
+        letters.append(letter)
+        factors.append(_to_um(ax.get("unit")) if isinstance(ax, dict) else None)
+    if len(letters) != n:
+        letters, factors = ["?"] * n, [None] * n
+    return "".join(letters), factors
+
+
+def _ngff_scale(transforms: Any, n: int) -> list[float]:
+    scale = [1.0] * n
+    for t in transforms or []:
+        if isinstance(t, dict) and t.get("type") == "scale" and len(t.get("scale", ())) == n:
+            scale = [a * float(b) for a, b in zip(scale, t["scale"], strict=True)]
+    return scale
+
+
+def _import_zarr(path: Path, why: str) -> Any:
+    try:
+        import zarr
+    except ImportError:
+        raise ImageIOError(f"{path}: zarr is needed {why} but is not installed; "
+                           "pip install 'rln-fast[zarr]' (or write a .tif)") from None
+    return zarr
+
+
+def _open_zarr(path: Path) -> dict:
+    zarr = _import_zarr(path, "to read Zarr")
+
+    try:
+        node = zarr.open(store=str(path), mode="r")
+    except (zarr.errors.BaseZarrError, OSError, ValueError, KeyError) as e:
+        raise ImageIOError(f"cannot read {path}: not a Zarr array or OME-Zarr image "
+                           f"({_one_line(e)}); give an .ome.zarr folder or a Zarr array") from e
+    voxel: tuple[float, float, float] | None = None
+    if isinstance(node, zarr.Array):
+        arr, fmt = node, "zarr"
+        names = getattr(node.metadata, "dimension_names", None)
+        axes = ("".join(str(a).upper() if a and str(a).upper() in "TCZYX" else "?"
+                        for a in names) if names and len(names) == node.ndim else "?" * node.ndim)
+        factors: list[float | None] = [None] * node.ndim
+        scale = [1.0] * node.ndim
+    else:
+        attrs = dict(node.attrs)
+        if "ome" in attrs:
+            ome = attrs["ome"]
+            version, multiscales = str(ome.get("version")), ome.get("multiscales")
+        else:
+            multiscales = attrs.get("multiscales")
+            version = str(multiscales[0].get("version")) if multiscales else "None"
+        if not multiscales:
+            raise ImageIOError(f"cannot read {path}: a Zarr group without OME-NGFF multiscales "
+                               "metadata; give the path of the array inside it (e.g. "
+                               f"{path / '0'})")
+        if version not in NGFF_VERSIONS:
+            raise ImageIOError(f"cannot read {path}: OME-NGFF version {version} is not "
+                               f"supported (only {', '.join(NGFF_VERSIONS)}); convert it to "
+                               "NGFF 0.4 or 0.5")
+        ms = multiscales[0]
+        try:
+            ds = ms["datasets"][0]
+            arr = node[ds["path"]]
+        except (KeyError, IndexError, TypeError, zarr.errors.BaseZarrError) as e:
+            raise ImageIOError(f"cannot read {path}: the OME-NGFF multiscales metadata names no "
+                               f"readable dataset ({_one_line(e)}); check the file") from e
+        fmt = f"ome-zarr-{version}"
+        axes, factors = _ngff_axes(ms.get("axes", []), arr.ndim)
+        # A multiscale-level scale, if any, applies on top of the dataset's own.
+        outer = _ngff_scale(ms.get("coordinateTransformations"), arr.ndim)
+        scale = [a * b for a, b in zip(_ngff_scale(ds.get("coordinateTransformations"),
+                                                   arr.ndim), outer, strict=True)]
+    shape = tuple(int(n) for n in arr.shape)
+    keep = _squeeze_dims(shape, axes, path)
+    if all(factors[d] is not None for d in keep):
+        voxel = tuple(scale[d] * factors[d] for d in keep)  # type: ignore[operator,assignment]
+    return {"data": arr, "keep": keep, "ndim": len(shape), "format": fmt,
+            "shape": tuple(shape[d] for d in keep),
+            "dtype": np.dtype(arr.dtype).newbyteorder("="), "voxel_size": voxel, "closers": []}
+
+
+def _open_source(path: Path) -> dict:
+    if _is_zarr(path):
+        if not path.exists():
+            raise ImageIOError(f"cannot read {path}: no such file or folder; check the path")
+        return _open_zarr(path)
+    if path.name.lower().endswith((".tif", ".tiff")):
+        if not path.is_file():
+            raise ImageIOError(f"cannot read {path}: no such file; check the path")
+        return _open_tiff(path)
+    raise ImageIOError(f"cannot read {path}: unknown file type; rln_fast reads .tif, .tiff, "
+                       ".ome.tif, .zarr and .ome.zarr")
+
+
+# -------------------------------------------------------------------------------- public read
+
+
+class Volume:
+    """A volume on disk read box by box; never loads the whole file.
+
+    ``shape`` (z, y, x), ``dtype`` (native byte order), ``voxel_size`` (dz, dy, dx) µm or None,
+    ``format``, ``path``. ``vol[z0:z1, y0:y1, x0:x1]`` returns a numpy copy of that box.
+    Pickling keeps the path and metadata; the file is reopened on the first read.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        src = _open_source(self.path)
+        self._src: dict | None = src
+        self.shape: tuple[int, int, int] = src["shape"]
+        self.dtype: np.dtype = src["dtype"]
+        self.voxel_size: tuple[float, float, float] | None = src["voxel_size"]
+        self.format: str = src["format"]
+
+    def __getitem__(self, key: tuple[slice, slice, slice]) -> np.ndarray:
+        box = _normalise_box(key, self.shape)
+        if self._src is None:
+            self._src = _open_source(self.path)
+        src = self._src
+        part = src["data"][_index(src["keep"], src["ndim"], box)]
+        return np.array(part, dtype=self.dtype, copy=True)
+
+    def close(self) -> None:
+        src, self._src = self._src, None
+        for c in (src or {}).get("closers", []):
+            c.close()
+
+    def __enter__(self) -> Volume:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict:
+        return {"path": str(self.path), "shape": self.shape, "dtype": self.dtype.str,
+                "voxel_size": self.voxel_size, "format": self.format}
+
+    def __setstate__(self, state: dict) -> None:
+        self.path = Path(state["path"])
+        self.shape, self.dtype = tuple(state["shape"]), np.dtype(state["dtype"])
+        self.voxel_size, self.format = state["voxel_size"], state["format"]
+        self._src = None
+
+    def __repr__(self) -> str:
+        return (f"Volume({str(self.path)!r}, shape={self.shape}, dtype={self.dtype}, "
+                f"voxel_size={self.voxel_size}, format={self.format!r})")
+
+
+def open_volume(path: str | os.PathLike) -> Volume:
+    """Open a TIFF or (OME-)Zarr volume lazily; see :class:`Volume`.
+
+    Singleton leading axes (t=1, c=1) are squeezed to (z, y, x); 2-D images, several channels
+    or time points, missing files and non-images raise :class:`ImageIOError`.
+    """
+    return Volume(path)
+
+
+def read(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
+    """Read a whole volume: ``(array (z, y, x), meta)``.
+
+    ``meta``: ``voxel_size`` (dz, dy, dx) in µm or None when the file does not say,
+    ``format``, ``shape``, ``dtype``. Formats as for :func:`open_volume`.
+    """
+    with open_volume(path) as vol:
+        arr = vol[:, :, :]
+        meta = {"voxel_size": vol.voxel_size, "format": vol.format, "shape": vol.shape,
+                "dtype": vol.dtype}
+    return arr, meta
+
+
+# ------------------------------------------------------------------------------- writing
+
+
+def _tiff_kwargs(fmt: str, voxel: tuple[float, float, float] | None) -> dict:
+    if fmt == "imagej-tiff":
+        kw: dict[str, Any] = {"imagej": True, "metadata": {"axes": "ZYX"}}
+        if voxel is not None:
+            kw["metadata"].update(spacing=voxel[0], unit="um")
+            kw["resolution"] = (1.0 / voxel[2], 1.0 / voxel[1])
+    else:
+        kw = {"ome": True, "metadata": {"axes": "ZYX"}}
+        if voxel is not None:
+            for ax, size in zip("ZYX", voxel, strict=True):
+                kw["metadata"][f"PhysicalSize{ax}"] = size
+                kw["metadata"][f"PhysicalSize{ax}Unit"] = "µm"
+    kw["photometric"] = "minisblack"
+    return kw
+
+
+def _ngff_attributes(voxel: tuple[float, float, float] | None, ngff: str, name: str) -> dict:
+    # Without a voxel size the scale is 1 and the axes carry no unit: readers then know the
+    # size is unknown instead of taking 1 µm for a measurement.
+    axes = [{"name": a, "type": "space", **({"unit": "micrometer"} if voxel else {})}
+            for a in "zyx"]
+    scale = [float(s) for s in voxel] if voxel else [1.0, 1.0, 1.0]
+    multiscale = {"name": name, "axes": axes,
+                  "datasets": [{"path": "0", "coordinateTransformations":
+                                [{"type": "scale", "scale": scale}]}]}
+    if ngff == "0.4":
+        return {"multiscales": [{"version": "0.4", **multiscale}]}
+    return {"ome": {"version": "0.5", "multiscales": [multiscale]}}
+
+
+def _inner_chunk(n: int) -> int:
+    best = max(d for d in range(1, min(n, _MAX_INNER_CHUNK) + 1) if n % d == 0)
+    return best if best >= _MIN_INNER_CHUNK else n
+
+
+def _create_zarr(tmp: Path, name: str, shape: tuple[int, ...], dtype: np.dtype,
+                 block: tuple[int, ...], voxel: tuple[float, float, float] | None,
+                 ngff: str) -> Any:
+    """An empty OME-Zarr image at ``tmp`` with array "0"; each ``block`` is one shard (0.5) or
+    one chunk (0.4), so writers of distinct blocks never share a file."""
+    zarr = _import_zarr(tmp, "to write OME-Zarr")
+
+    stem = re.sub(r"(\.ome)?\.zarr$", "", name, flags=re.IGNORECASE)
+    if ngff == "0.4":
+        import numcodecs
+
+        group = zarr.open_group(str(tmp), mode="w", zarr_format=2)
+        # Blosc and "/" keys: what NGFF 0.4 asks for and what older readers decode.
+        arr = group.create_array(
+            "0", shape=shape, dtype=dtype, chunks=block, fill_value=0,
+            chunk_key_encoding={"name": "v2", "separator": "/"},
+            compressors=numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE))
+    else:
+        group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        arr = group.create_array(
+            "0", shape=shape, dtype=dtype, shards=block,
+            chunks=tuple(_inner_chunk(b) for b in block), fill_value=0,
+            dimension_names=["z", "y", "x"])
+    group.attrs.update(_ngff_attributes(voxel, ngff, stem))
+    return arr
+
+
+def write(path: str | os.PathLike, arr: Any, voxel_size: Sequence[float] | None = None, *,
+          ngff: str = "0.5", chunks: Sequence[int] | None = None, overwrite: bool = True) -> None:
+    """Write a (z, y, x) volume; the format follows the suffix.
+
+    .tif/.tiff: ImageJ TIFF (uint8, uint16, int16, float32), voxel size as ImageJ spacing/unit
+    and X/YResolution. .ome.tif/.ome.tiff: OME-TIFF with PhysicalSize{X,Y,Z} in µm.
+    .zarr/.ome.zarr: OME-Zarr, NGFF 0.5 (Zarr v3, sharded) or ``ngff="0.4"`` (Zarr v2), voxel
+    size (dz, dy, dx) µm as the dataset's "scale". ``chunks``: Zarr storage block, the shard
+    (0.5, inner chunks ≤ 64 per axis) or chunk (0.4); default 256 / 64 per axis.
+
+    Atomic: the data goes to a temporary sibling that replaces ``path`` only when complete; on
+    any failure ``path`` is untouched and the temporary removed.
+    """
+    path = Path(path)
+    ngff = _check_ngff(ngff, path)
+    fmt = _output_format(path, ngff)
+    data = _as_volume(arr, path)
+    voxel = _check_voxel_size(voxel_size, path)
+    if fmt == "imagej-tiff":
+        _check_imagej_dtype(data.dtype, path)
+    if not overwrite and (path.exists() or path.is_symlink()):
+        raise ImageIOError(f"cannot write {path}: it already exists; remove it or allow "
+                           "overwriting")
+    _check_folder(path)
+    if chunks is None:
+        cap = _DEFAULT_CHUNK_V2 if ngff == "0.4" else _DEFAULT_SHARD
+        block = tuple(max(1, min(n, cap)) for n in data.shape)
+    else:
+        block = _check_block(chunks, path, "chunk shape")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    _remove(tmp)
+    try:
+        if fmt.startswith("ome-zarr"):
+            zarr_arr = _create_zarr(tmp, path.name, data.shape, data.dtype, block, voxel, ngff)
+            zarr_arr[...] = data
+        else:
+            import tifffile
+
+            tifffile.imwrite(tmp, data, **_tiff_kwargs(fmt, voxel))
+        _replace(tmp, path)
+    except OSError as e:
+        raise _write_error(e, path) from e
+    finally:
+        _remove(tmp)
+
+
+# ------------------------------------------------------------------------ block-wise output
+
+
+def _check_block(block: Any, where: Path, what: str = "block shape") -> tuple[int, int, int]:
+    try:
+        b = tuple(int(n) for n in block)
+    except (TypeError, ValueError):
+        b = ()
+    if len(b) != 3 or min(b) < 1:
+        raise ImageIOError(f"writing {where}: the {what} must be three positive integers "
+                           f"(z, y, x), got {block!r}")
+    return b[0], b[1], b[2]
+
+
+def _block_name(index: Sequence[int]) -> str:
+    return "_".join(str(int(i)) for i in index)
+
+
+_BLOCK_NAME = re.compile(r"^(\d+)_(\d+)_(\d+)$")
+
+
+class OutputVolume:
+    """A (z, y, x) output written block by block, by one or many processes, resumably.
+
+    Data goes to ``<path>.partial``; each finished block leaves a file in ``<path>.blocks/``
+    after its data is flushed. Blocks own disjoint storage (one Zarr shard / chunk each, or
+    disjoint bytes of a memory-mapped TIFF), so distinct blocks may be written concurrently.
+    TIFF outputs rely on a shared memory map: concurrent writers must be on one machine.
+    Made by :func:`create_output`; pickling keeps the path and layout (workers reopen).
+    """
+
+    def __init__(self, path: Path, shape: tuple[int, int, int], dtype: np.dtype,
+                 block: tuple[int, int, int], fmt: str,
+                 voxel_size: tuple[float, float, float] | None) -> None:
+        self.path = path
+        self.shape, self.dtype, self.block = shape, dtype, block
+        self.format, self.voxel_size = fmt, voxel_size
+        self.n_blocks = tuple(-(-n // b) for n, b in zip(shape, block, strict=True))
+        self._partial = path.with_name(path.name + ".partial")
+        self._record = path.with_name(path.name + ".blocks")
+        self._offset: int | None = None  # byte offset of TIFF data
+        self._zarr: Any = None
+
+    # -- layout
+    def block_indices(self) -> list[tuple[int, int, int]]:
+        nz, ny, nx = self.n_blocks
+        return [(i, j, k) for i in range(nz) for j in range(ny) for k in range(nx)]
+
+    def block_slices(self, index: Sequence[int]) -> tuple[slice, slice, slice]:
+        idx = tuple(int(i) for i in index)
+        if len(idx) != 3 or not all(0 <= i < n for i, n in zip(idx, self.n_blocks, strict=True)):
+            raise IndexError(f"block index {tuple(index)} outside the grid {self.n_blocks}")
+        s = tuple(slice(i * b, min((i + 1) * b, n))
+                  for i, b, n in zip(idx, self.block, self.shape, strict=True))
+        return s[0], s[1], s[2]
+
+    # -- record
+    def is_done(self, index: Sequence[int]) -> bool:
+        return (self._record / _block_name(index)).exists()
+
+    def done_blocks(self) -> set[tuple[int, int, int]]:
+        if not self._record.is_dir():
+            return set()
+        found = (_BLOCK_NAME.match(p.name) for p in self._record.iterdir())
+        return {(int(m[1]), int(m[2]), int(m[3])) for m in found if m}
+
+    def _fingerprint(self, user: Any) -> dict:
+        full = {"user": user, "shape": list(self.shape), "dtype": self.dtype.str,
+                "block": list(self.block), "format": self.format,
+                "voxel_size": list(self.voxel_size) if self.voxel_size else None}
+        try:
+            return json.loads(json.dumps(full))
+        except (TypeError, ValueError) as e:
+            raise ImageIOError(f"writing {self.path}: the fingerprint must be JSON-serialisable "
+                               f"({_one_line(e)})") from e
+
+    def _record_matches(self, expected: dict) -> bool:
+        try:
+            found = json.loads((self._record / "fingerprint.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return found == expected and self._partial.exists()
+
+    def _start_over(self, expected: dict) -> None:
+        _remove(self._partial)
+        _remove(self._record)
+        self._record.mkdir()
+        if self.format.startswith("ome-zarr"):
+            ngff = self.format.rsplit("-", 1)[1]
+            self._zarr = _create_zarr(self._partial, self.path.name, self.shape, self.dtype,
+                                      self.block, self.voxel_size, ngff)
+        else:
+            self._create_tiff()
+        # The fingerprint comes last: a record without it is never resumed.
+        tmp = self._record / "fingerprint.json.tmp"
+        tmp.write_text(json.dumps(expected))
+        os.replace(tmp, self._record / "fingerprint.json")
+
+    def _create_tiff(self) -> None:
+        import tifffile
+
+        mm = tifffile.memmap(self._partial, shape=self.shape, dtype=self.dtype,
+                             **_tiff_kwargs(self.format, self.voxel_size))
+        self._offset = int(mm.offset)
+        del mm
+        # Reserve the disk space now: a full disk then fails here, as an error, instead of
+        # killing a worker with SIGBUS when it touches an unbacked page of the map.
+        if hasattr(os, "posix_fallocate"):
+            with open(self._partial, "r+b") as f:
+                os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+
+    def _tiff_offset(self) -> int:
+        if self._offset is None:
+            import tifffile
+
+            with tifffile.TiffFile(self._partial) as tif:
+                self._offset = int(tif.series[0].dataoffset)
+        return self._offset
+
+    # -- writing
+    def write_block(self, index: Sequence[int], data: Any) -> None:
+        """Store ``data`` (the block's box shape; edge blocks are smaller), cast to ``dtype``,
+        then record the block as done."""
+        box = self.block_slices(index)
+        want = tuple(s.stop - s.start for s in box)
+        arr = _to_numpy(data)
+        if arr.shape != want:
+            raise ImageIOError(f"writing {self.path}: block {tuple(index)} must have shape "
+                               f"{want}, got {arr.shape}")
+        arr = arr.astype(self.dtype, copy=False)
+        try:
+            if self.format.startswith("ome-zarr"):
+                if self._zarr is None:
+                    zarr = _import_zarr(self.path, "to write OME-Zarr")
+
+                    self._zarr = zarr.open_array(str(self._partial / "0"), mode="r+")
+                self._zarr[box] = arr
+            else:
+                self._write_tiff_block(box, arr)
+            (self._record / _block_name(index)).touch()
+        except OSError as e:
+            raise _write_error(e, self._partial) from e
+
+    def _write_tiff_block(self, box: tuple[slice, slice, slice], arr: np.ndarray) -> None:
+        # Map only the z-planes of this block: the flush then covers just them.
+        _, ny, nx = self.shape
+        plane = ny * nx * self.dtype.itemsize
+        mm = np.memmap(self._partial, dtype=self.dtype, mode="r+",
+                       offset=self._tiff_offset() + box[0].start * plane,
+                       shape=(box[0].stop - box[0].start, ny, nx))
+        try:
+            mm[:, box[1], box[2]] = arr
+            mm.flush()
+        finally:
+            del mm
+
+    # -- ending
+    def _close(self) -> None:
+        self._zarr = None
+
+    def finalize(self) -> None:
+        """Check every block is done, move the partial onto ``path``, drop the record."""
+        total = math.prod(self.n_blocks)
+        missing = total - len(self.done_blocks() & set(self.block_indices()))
+        if missing:
+            raise ImageIOError(f"cannot finish {self.path}: {missing} of {total} blocks are not "
+                               "written; write them (or rerun to resume) before finalize")
+        if not self._partial.exists():
+            raise ImageIOError(f"cannot finish {self.path}: {self._partial} is missing; rerun "
+                               "the job from the start")
+        self._close()
+        try:
+            _replace(self._partial, self.path)
+        except OSError as e:
+            raise _write_error(e, self.path) from e
+        _remove(self._record)
+
+    def abort(self, keep_record: bool = True) -> None:
+        """Stop writing; keep the partial and record for a resume, or delete both."""
+        self._close()
+        if not keep_record:
+            _remove(self._partial)
+            _remove(self._record)
+
+    def __enter__(self) -> OutputVolume:
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if exc_type is not None:
+            self.abort(keep_record=True)
+        else:
+            self._close()
+
+    def __getstate__(self) -> dict:
+        return {"path": str(self.path), "shape": self.shape, "dtype": self.dtype.str,
+                "block": self.block, "format": self.format, "voxel_size": self.voxel_size,
+                "offset": self._offset}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(Path(state["path"]), tuple(state["shape"]), np.dtype(state["dtype"]),
+                      tuple(state["block"]), state["format"], state["voxel_size"])
+        self._offset = state["offset"]
+
+    def __repr__(self) -> str:
+        return (f"OutputVolume({str(self.path)!r}, shape={self.shape}, dtype={self.dtype}, "
+                f"block={self.block}, format={self.format!r}, "
+                f"done={len(self.done_blocks())}/{math.prod(self.n_blocks)})")
+
+
+def create_output(path: str | os.PathLike, shape: Sequence[int], dtype: Any,
+                  block: Sequence[int], *, voxel_size: Sequence[float] | None = None,
+                  ngff: str = "0.5", fingerprint: Any = None,
+                  resume: bool = True) -> OutputVolume:
+    """Start (or resume) a block-wise output; see :class:`OutputVolume`.
+
+    ``block`` (bz, by, bx): block (i, j, k) covers ``[i*bz:(i+1)*bz, ...]`` clipped to
+    ``shape``. Format by suffix as for :func:`write` (TIFF outputs are uncompressed and
+    memory-mapped). With ``resume`` and a partial whose fingerprint (``fingerprint``, a
+    JSON-able dict, plus shape, dtype, block, format and voxel size) matches, its finished
+    blocks are kept; otherwise any stale partial is cleared and writing starts over.
+    """
+    path = Path(path)
+    ngff = _check_ngff(ngff, path)
+    fmt = _output_format(path, ngff)
+    dt = np.dtype(dtype)
+    if fmt == "imagej-tiff":
+        _check_imagej_dtype(dt, path)
+    shp = _check_block(shape, path, "shape")
+    out = OutputVolume(path, shp, dt, _check_block(block, path), fmt,
+                       _check_voxel_size(voxel_size, path))
+    expected = out._fingerprint(fingerprint)
+    _check_folder(path)
+    try:
+        if not (resume and out._record_matches(expected)):
+            out._start_over(expected)
+    except OSError as e:
+        out.abort(keep_record=False)
+        raise _write_error(e, path) from e
+    return out
