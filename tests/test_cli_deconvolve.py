@@ -173,3 +173,15 @@ def test_a_real_process_reports_one_line(tmp_path):
     assert r.returncode == 1
     assert r.stderr.strip().splitlines() == [
         f"rln-fast deconvolve: input {tmp_path / 'missing.tif'} does not exist; check the path"]
+
+
+def test_unwritable_output_folder(tmp_path, stack, monkeypatch):
+    """A read-only folder (simulated: the tests may run as root, who may write anywhere)."""
+    path, _ = stack
+    folder = tmp_path / "readonly"
+    folder.mkdir()
+    real_access = io.os.access
+    monkeypatch.setattr(io.os, "access",
+                        lambda p, mode, **k: False if Path(p) == folder else real_access(p, mode))
+    _fails(_run("deconvolve", path, folder / "out.zarr", "--no-progress"), "is not writable")
+    assert list(folder.iterdir()) == []
