@@ -408,17 +408,19 @@ def psf_cmd(model: str, output: Path, shape: tuple[int, int, int], **optics: Any
               help="Pair i is drawn from seed + i.")
 @_psf_source_options
 @click.option("--device", default=None, help="cpu or cuda for the blur and convolution.")
+@click.option("--skip-existing", is_flag=True,
+              help="Keep pairs already written (finish a killed run).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @clean_errors("synth")
 def synth_cmd(out_dir: Path, n: int, shape: tuple[int, int, int], seed: int,
               psf_file: Path | None, psf_model: str | None, psf_shape: Any,
-              device: str | None, progress: bool, **optics: Any) -> None:
+              device: str | None, skip_existing: bool, progress: bool, **optics: Any) -> None:
     """Write synthetic training pairs OUT_DIR/gt/NNN.tif and OUT_DIR/input/NNN.tif.
 
     The official RLN phantom recipe: ground truth = phantom blurred by a small Gaussian;
     input = 5 x ground truth convolved with the PSF, Poisson and read noise. Without --psf or
     --psf-model the training default PSF is used. Existing pairs of the same names are
-    overwritten.
+    overwritten, unless --skip-existing (pair i depends only on seed + i and the PSF).
     """
     from . import synth
     from .train import default_psf
@@ -433,7 +435,8 @@ def synth_cmd(out_dir: Path, n: int, shape: tuple[int, int, int], seed: int,
     psf_arr, what = _resolve_psf(psf_file, psf_model, psf_shape, shape, optics)
     if psf_arr is None:
         psf_arr = default_psf()
-    synth.write_pairs(out_dir, n, psf_arr, shape, seed, device=device, progress=progress)
+    synth.write_pairs(out_dir, n, psf_arr, shape, seed, device=device, progress=progress,
+                      skip_existing=skip_existing)
     click.echo(f"wrote {n} pair{'s' * (n != 1)} {tuple(shape)} to {out_dir / 'gt'} and "
                f"{out_dir / 'input'} (seeds {seed}..{seed + n - 1}; PSF: {what})")
 

@@ -418,12 +418,14 @@ def write_pairs(
     *,
     device: str | torch.device | None = None,
     progress: bool = True,
+    skip_existing: bool = False,
 ) -> list[tuple[Path, Path]]:
     """Write n pairs as ``out_dir/gt/NNN.tif`` and ``out_dir/input/NNN.tif`` (float32 TIFF).
 
     Pair i is ``phantom_pair(psf, shape, seed + i, device)``. Each file is written to a
-    temporary name and renamed, so a killed run never leaves a partial TIFF. Returns the
-    (gt, input) paths.
+    temporary name and renamed, so a killed run never leaves a partial TIFF. skip_existing:
+    keep pairs whose two files are both there (a rerun of a killed run finishes it; pair i
+    only depends on seed + i). Returns the (gt, input) paths.
     """
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
         raise ValueError(f"n must be a non-negative integer, got {n!r}")
@@ -439,8 +441,11 @@ def write_pairs(
         items = tqdm(items, desc="phantoms", unit="pair")
     paths = []
     for i in items:
-        gt, raw = phantom_pair(psf, shape, seed + i, device)
         name = f"{i:0{width}d}.tif"
+        if skip_existing and (out / "gt" / name).is_file() and (out / "input" / name).is_file():
+            paths.append((out / "gt" / name, out / "input" / name))
+            continue
+        gt, raw = phantom_pair(psf, shape, seed + i, device)
         _atomic_imwrite(out / "gt" / name, gt)
         _atomic_imwrite(out / "input" / name, raw)
         paths.append((out / "gt" / name, out / "input" / name))

@@ -182,3 +182,18 @@ def test_write_pairs(tmp_path):
     gt, raw = synth.phantom_pair(_delta(), SMALL, seed=6)
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "gt" / "001.tif"), gt)
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "input" / "001.tif"), raw)
+
+
+def test_write_pairs_skip_existing_finishes_a_killed_run(tmp_path, monkeypatch):
+    tifffile = pytest.importorskip("tifffile")
+    synth.write_pairs(tmp_path, 3, _delta(), SMALL, seed=5, progress=False)
+    (tmp_path / "input" / "002.tif").unlink()  # killed between the two files of pair 2
+    before = (tmp_path / "gt" / "000.tif").stat().st_mtime_ns
+    drawn = []
+    real = synth.phantom_pair
+    monkeypatch.setattr(synth, "phantom_pair", lambda *a, **k: drawn.append(a[2]) or real(*a, **k))
+    synth.write_pairs(tmp_path, 3, _delta(), SMALL, seed=5, progress=False, skip_existing=True)
+    assert drawn == [7]  # only the incomplete pair is drawn again
+    assert (tmp_path / "gt" / "000.tif").stat().st_mtime_ns == before
+    _, raw = real(_delta(), SMALL, seed=7)
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "input" / "002.tif"), raw)
