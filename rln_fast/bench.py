@@ -38,10 +38,12 @@ _RL_PSF_SIGMA_VOXELS = (2.0, 1.5, 1.5)
 
 
 class PlainRLN(nn.Module):
-    """The RLN in eager PyTorch, eval mode only: what the fused form is measured against.
+    """The RLN in eager PyTorch: what the fused form (inference) and RLN (training) are
+    measured against.
 
     Parameter and buffer names match ``RLN``, so ``load_state_dict(rln.state_dict())``
-    copies a trained model. x [N, 1, D, H, W] -> output [N, 1, D, H, W].
+    copies a trained model. x [N, 1, D, H, W] -> output [N, 1, D, H, W], or with
+    ``return_intermediates=True`` the dict {"E1pre", "output"} the training loss needs.
     """
 
     def __init__(self) -> None:
@@ -50,8 +52,7 @@ class PlainRLN(nn.Module):
             self.register_parameter(name, nn.Parameter(torch.empty(cout, cin, 3, 3, 3)))
         self.e7 = nn.Parameter(torch.empty(*_E7_SHAPE))
         for name, c in _BNS.items():
-            self.add_module(name, nn.BatchNorm3d(c, eps=1e-3))
-        self.eval()
+            self.add_module(name, nn.BatchNorm3d(c, eps=1e-3, momentum=0.01))
 
     @classmethod
     def from_rln(cls, model: RLN) -> PlainRLN:
@@ -63,7 +64,7 @@ class PlainRLN(nn.Module):
     def _conv_bn_sp(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return F.softplus(getattr(self, f"bn_{name}")(F.conv3d(x, getattr(self, name), padding=1)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, return_intermediates: bool = False) -> Any:
         sp, cat = F.softplus, torch.cat
         # Estimation at half resolution: forward projection, ratio, back projection.
         xd = F.avg_pool3d(x, 2)
@@ -76,7 +77,8 @@ class PlainRLN(nn.Module):
         b3 = self._conv_bn_sp(cat([b2, b1], 1), "e6")
         pad = tuple(s % 2 for s in x.shape[2:])
         up = sp(self.bn_e7(F.conv_transpose3d(b3, self.e7, stride=2, output_padding=pad)))
-        e1 = sp(self.bn_t2(x * self._conv_bn_sp(up, "e8").mean(1, keepdim=True)))
+        e1pre = x * self._conv_bn_sp(up, "e8").mean(1, keepdim=True)
+        e1 = sp(self.bn_t2(e1pre))
         # Update at full resolution.
         c1 = self._conv_bn_sp(x, "u1")
         c2 = self._conv_bn_sp(c1, "u2") + sp(x)
@@ -87,7 +89,8 @@ class PlainRLN(nn.Module):
         # Merge.
         m1 = sp(F.conv3d(e2, self.u5, padding=1))
         m2 = sp(F.conv3d(cat([m1, e2, e1], 1), self.u6, padding=1))
-        return self._conv_bn_sp(cat([m1, m2], 1), "u7").mean(1, keepdim=True)
+        out = self._conv_bn_sp(cat([m1, m2], 1), "u7").mean(1, keepdim=True)
+        return {"E1pre": e1pre, "output": out} if return_intermediates else out
 
 
 def plain_rl_periodic(image: torch.Tensor, psf: torch.Tensor, num_iter: int) -> torch.Tensor:
