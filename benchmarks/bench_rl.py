@@ -111,6 +111,50 @@ def _per_iteration(fns: dict, device) -> dict[str, float]:
     return {k: (v[N2] - v[N1]) / (N2 - N1) for k, v in best.items()}
 
 
+def _phases(img: torch.Tensor, psf: np.ndarray, edges: str, acceleration) -> dict[str, float]:
+    """Seconds per call of each step of one CPU iteration (best of interleaved rounds): where the
+    time goes. Uses rln_fast.rl's private job, as the solver runs it."""
+    from rln_fast import rl as rl_mod
+    from rln_fast.ops import rl_classic as ops
+
+    k = rl_mod._prepare_psf(psf, tuple(img.shape), "fft")
+    level = float(img.mean())
+    job = rl_mod._FFTJob(img, k, edges, bg=0.0, eps=1e-6 * level, tv=0.0, tv_eps=1e-3 * level)
+    x = job.initial(level)
+    y, step, change, out = x.clone(), x.clone(), torch.zeros_like(x), torch.empty_like(x)
+    biggs = acceleration == "biggs"
+    if job._plans is not None:
+        fft, spec, real = job._plans, job._spec, job._real
+        steps = {"rfftn": lambda: fft.r2c(y, spec), "irfftn": lambda: fft.c2r(spec, real),
+                 # the transforms of the ratio and to the blurred estimate, which skip the planes
+                 # outside the image on the Bertero job
+                 "rfftn_image_planes": lambda: fft.r2c_box(real, spec),
+                 "irfftn_image_planes": lambda: fft.c2r_box(spec, real)}
+    else:
+        spec = torch.fft.rfftn(y[0, 0])
+        steps = {"rfftn": lambda: torch.fft.rfftn(y[0, 0]),
+                 "irfftn": lambda: torch.fft.irfftn(spec, s=job.shape)}
+    steps["otf_multiply"] = lambda: job._blur_spectrum_(spec, False)
+    steps["rl_ratio"] = lambda: ops.rl_ratio_(out, job.image5, 0.0, 1e-6)
+    kw = dict(previous=step, change=change) if biggs else {}
+    steps["rl_update"] = lambda: ops.rl_update_(out, y, job.weights, 0.0, 0.0, 1e-3, **kw)
+    if job.weights is not None:  # the Bertero weights' share: the same update without them
+        steps["rl_update_no_weights"] = lambda: ops.rl_update_(out, y, None, 0.0, 0.0, 1e-3, **kw)
+    if biggs:
+        steps["biggs_prediction"] = lambda: torch.add(x, step, alpha=0.5, out=y).clamp_min_(0.0)
+    steps["iteration"] = lambda: job.recycle(
+        job.update_(y, step if biggs else None, change if biggs else None)[0])
+    best = dict.fromkeys(steps, np.inf)
+    for _ in range(REPEATS + 2):
+        for name, fn in steps.items():
+            t = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t)
+    best["work_shape"] = job.shape
+    best["dfti"] = job._plans is not None
+    return best
+
+
 def _rel(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.abs(a - b).max() / np.abs(b).max())
@@ -162,6 +206,8 @@ def test_rl_per_iteration(benchmark, data, device, edges, acceleration):
     }
     if "skimage" in per_it:
         info["speedup_vs_skimage"] = per_it["skimage"] / per_it["rln_fast"]
+    if device == "cpu":
+        info["phase_seconds"] = _phases(img, psf, edges, acceleration)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()

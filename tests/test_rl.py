@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from rln_fast import psf as psf_models
-from rln_fast.rl import richardson_lucy
+from rln_fast.rl import _dfti, richardson_lucy
 
 from .conftest import DEVICES
 
@@ -409,3 +409,80 @@ def test_symmetric_and_asymmetric_psfs_take_their_otf_paths():
         a = rl(img, k, 8, acceleration=None)
         b = rl(img, k, 8, acceleration=None, method="direct")
         assert np.abs(a - b).max() <= 1e-4 * a.max()
+
+
+# CPU FFTs through MKL's DFTI --------------------------------------------------------------
+
+needs_dfti = pytest.mark.skipif(
+    _dfti() is None, reason="this torch build exports no MKL DFTI (the CPU job uses torch.fft)")
+
+
+@needs_dfti
+@pytest.mark.parametrize("shape,depth", [((3, 5, 6), 3), ((7, 9, 19), 4), ((1, 12, 10), 1),
+                                         ((16, 30, 42), 11)])
+def test_dfti_transforms_match_torch_fft(shape, depth):
+    from rln_fast import rl as rl_mod
+
+    fft = rl_mod._cpu_fft(shape, depth)
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(shape, generator=g) - 0.3
+    half = (*shape[:2], shape[2] // 2 + 1)
+    ref = torch.fft.rfftn(x)
+    spec = fft.r2c(x, torch.empty(half, dtype=torch.complex64))
+    assert (spec - ref).abs().max() <= 1e-5 * ref.abs().max()
+    # A Hermitian spectrum to invert: c2r unscaled, its input left as it was.
+    spec_in = torch.fft.rfftn(torch.rand(shape, generator=g))
+    before = spec_in.clone()
+    out = fft.c2r(spec_in, torch.empty(shape))
+    want = torch.fft.irfftn(spec_in, s=shape) * x.numel()
+    assert (out - want).abs().max() <= 1e-5 * want.abs().max()
+    assert torch.equal(spec_in, before)
+    # The box variants: r2c of a volume that is 0 beyond plane `depth`; c2r read in those planes
+    # (the planes beyond are not written).
+    x[depth:] = 0
+    ref = torch.fft.rfftn(x)
+    spec = fft.r2c_box(x, torch.full(half, 7.0, dtype=torch.complex64))
+    assert (spec - ref).abs().max() <= 1e-5 * ref.abs().max()
+    out = fft.c2r_box(spec_in.clone(), torch.full(shape, -5.0))
+    assert (out[:depth] - want[:depth]).abs().max() <= 1e-5 * want.abs().max()
+    if depth < shape[0]:
+        assert (out[depth:] == -5.0).all()
+
+
+@needs_dfti
+@pytest.mark.parametrize("edges,acceleration,tv", [("bertero", "biggs", 0.0), ("bertero", None, 0.01),
+                                                   ("periodic", None, 0.0), ("periodic", "biggs", 0.0),
+                                                   ("reflect", "biggs", 0.005)])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_cpu_dfti_job_matches_the_torch_fft_job(monkeypatch, edges, acceleration, tv, symmetric):
+    # The CPU job with DFTI plans, its kept buffers and the 1/N in the OTF gives the torch.fft
+    # job's result (the job every other device runs), on a real and on a complex OTF.
+    from rln_fast import rl as rl_mod
+
+    img = blob_image(seed=7)
+    k = small_psf((3, 5, 5))
+    if not symmetric:
+        k = k.copy()
+        k[0, 1, 2] *= 3
+    kw = dict(edges=edges, acceleration=acceleration, tv=tv)
+    fast = rl(img, k, 9, **kw)
+    monkeypatch.setattr(rl_mod, "_cpu_fft", lambda shape, depth: None)
+    plain = rl(img, k, 9, **kw)
+    assert np.abs(fast - plain).max() <= 2e-5 * np.abs(plain).max()
+
+
+@needs_dfti
+def test_cpu_dfti_job_reuses_its_buffers():
+    # After the first iterations the solver allocates no new work volumes: the update writes
+    # into the volume the solver recycled.
+    from rln_fast import rl as rl_mod
+
+    img = torch.from_numpy(blob_image(seed=8))
+    k = np.asarray(small_psf(), np.float64)
+    job = rl_mod._FFTJob(img, k / k.sum(), "bertero", bg=0.0, eps=1e-6, tv=0.0, tv_eps=1e-3)
+    x = job.initial(float(img.mean()))
+    y = x.clone()
+    new, _ = job.update_(y, None, None)
+    job.recycle(y)
+    again, _ = job.update_(new, None, None)
+    assert again.data_ptr() == y.data_ptr()

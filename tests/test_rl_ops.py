@@ -309,6 +309,27 @@ def test_dots_are_deterministic_and_batch_summed():
     assert rel_err(runs[0], torch.stack([g_new.sum(), (g_new ** 2).sum()])) <= 1e-6
 
 
+@pytest.mark.parametrize("circular", [True, False])
+def test_weighted_update_over_many_row_chunks(circular):
+    # A volume of many parallel row chunks, each with rows inside the weights' interior (reused
+    # row weights) and rows at every border (recomputed): each weight still equals the twin's.
+    g = torch.Generator().manual_seed(11)
+    img, psf_shape = (9, 40, 150), (5, 9, 13)
+    work = tuple(a + b for a, b in zip(img, psf_shape, strict=True))
+    psf = rand(*psf_shape, g=g)
+    origin = (0, 0, 0) if circular else tuple(b // 2 for b in psf_shape)
+    w = rc.edge_weights(psf / psf.sum(), work, img, origin, circular=circular)
+    est, corr = rand(2, 1, *work, g=g, lo=0.1), rand(2, 1, *work, g=g)
+    threads = torch.get_num_threads()
+    try:
+        for nt in (1, max(2, threads)):
+            torch.set_num_threads(nt)
+            got = rc.rl_update(est, corr, w, 0.0, 0.0)
+            assert rel_err(got, ref.rl_update(est, corr, w, 0.0, 0.0)) <= 1e-12
+    finally:
+        torch.set_num_threads(threads)
+
+
 # every error message ----------------------------------------------------------------------
 
 def _v(*shape, dtype=f64):

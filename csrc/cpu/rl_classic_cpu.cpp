@@ -81,13 +81,15 @@ template <typename T>
 struct RowScratch {
   std::vector<double> w, a;
   double w_full = 1.0;
+  int64_t taps[4] = {-1, -1, -1, -1};  // the (z, y) tap ranges that w and w_full are for
   std::vector<T> f, zero;
   RowScratch(int64_t W, int64_t px) : w(W), a(px + 1), f(W), zero(W, T(0)) {}
 };
 
 // The row's weights, bit for bit those of edge_weight_at: the z and y tap ranges are the row's,
 // so the 8-term box sum is a[x1] - a[x0] with a[c] = the 4 (z, y) corner terms at column c; the
-// x in fx share w_full.
+// x in fx share w_full. A row depends on (z, y) only through their tap ranges, which stay the
+// same over the image's interior: the scratch keeps the last row's weights and reuses them.
 template <typename T>
 void row_weights(const RlUpdateParams& p, int64_t z, int64_t y, const FullX& fx,
                  RowScratch<T>& scratch) {
@@ -96,6 +98,9 @@ void row_weights(const RlUpdateParams& p, int64_t z, int64_t y, const FullX& fx,
   int64_t lz, hz, ly, hy;
   tap_range(e.bounds + 2 * z, e.pz, lz, hz);
   tap_range(e.bounds + 2 * (p.D + y), e.py, ly, hy);
+  int64_t* taps = scratch.taps;
+  if (taps[0] == lz && taps[1] == hz && taps[2] == ly && taps[3] == hy) return;
+  taps[0] = lz, taps[1] = hz, taps[2] = ly, taps[3] = hy;
   const int64_t sb = e.px + 1, sa = (e.py + 1) * sb;
   const int64_t z0 = lz * sa, z1 = hz * sa, y0 = ly * sb, y1 = hy * sb;
   const double* t = e.table;
