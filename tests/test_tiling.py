@@ -188,3 +188,16 @@ def test_tiled_rl_arguments(rl_case, kwargs, match):
     img, k = rl_case
     with pytest.raises(ValueError, match=match):
         rf.richardson_lucy(img, k, 2, progress=False, **kwargs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_tiled_rln_on_cuda_equals_untiled(model):
+    x = (torch.rand(40, 70, 66, device="cuda") * 100 + 5)
+    full = rf.rln_deconvolve(x, model, progress=False)
+    tiled = rf.rln_deconvolve(x, model, tile=(16, 32, 32), progress=False)
+    assert tiled.is_cuda
+    assert (tiled - full).abs().max() <= 1e-5 * full.abs().max()
+    # Host input, tiles computed on the GPU.
+    host = rf.rln_deconvolve(x.cpu().numpy(), model, tile=(16, 32, 32), device="cuda",
+                             progress=False)
+    assert np.abs(host - full.cpu().numpy()).max() <= 1e-5 * float(full.abs().max())
