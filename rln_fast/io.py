@@ -268,6 +268,46 @@ def _imagej_voxel_size(tif: Any) -> tuple[float, float, float] | None:
     return float(spacing) * factor, yd / yn * factor, xd / xn * factor
 
 
+class _ContiguousReader:
+    """Box reads of an uncompressed, contiguous array in a file with positioned reads.
+
+    A memory map would do the same, but every page it touches stays in the process's
+    resident set until unmapped: streaming a 4 GB file through a map shows 4 GB of RSS. Here
+    each read copies just its rows and nothing stays mapped. Indexing takes what ``_index``
+    builds: 0 for the squeezed singleton axes, a step-1 slice for each of z, y, x.
+    """
+
+    def __init__(self, path: Path, offset: int, shape: tuple[int, ...], dtype: Any) -> None:
+        self.path, self.offset = path, offset
+        self.shape, self.dtype = shape, np.dtype(dtype)
+        self._fd: int | None = None
+
+    def __getitem__(self, key: tuple) -> np.ndarray:
+        boxes = [k for k in key if isinstance(k, slice)]
+        dims = [n for k, n in zip(key, self.shape, strict=True) if isinstance(k, slice)]
+        (z0, z1, _), (y0, y1, _), (x0, x1, _) = (b.indices(n) for b, n in zip(boxes, dims,
+                                                                              strict=True))
+        ny, nx = dims[1], dims[2]
+        size = self.dtype.itemsize
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        out = np.empty((max(z1 - z0, 0), max(y1 - y0, 0), max(x1 - x0, 0)), self.dtype)
+        rows = max(y1 - y0, 0)
+        for i, z in enumerate(range(z0, z1)):
+            start = self.offset + ((z * ny + y0) * nx) * size
+            want = rows * nx * size
+            buf = os.pread(self._fd, want, start)
+            if len(buf) != want:
+                raise ImageIOError(f"cannot read {self.path}: the file ends early (truncated?)")
+            out[i] = np.frombuffer(buf, self.dtype).reshape(rows, nx)[:, x0:x1]
+        return out
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+
 def _open_tiff(path: Path) -> dict:
     import tifffile
 
@@ -295,10 +335,11 @@ def _open_tiff(path: Path) -> dict:
             tail = "YXS" if series.axes.endswith("S") and len(shape) >= 3 else "YX"
             axes = "?" * (len(shape) - len(tail)) + tail
         keep = _squeeze_dims(shape, axes, path)
-        if series.dataoffset is not None:  # contiguous, uncompressed: map it
-            data = tifffile.memmap(path, series=0, mode="r")
+        if series.dataoffset is not None:  # contiguous, uncompressed: read boxes directly
+            dtype = np.dtype(series.dtype).newbyteorder(tif.byteorder)
+            data = _ContiguousReader(path, int(series.dataoffset), shape, dtype)
             tif.close()
-            closers: list[Any] = []
+            closers: list[Any] = [data]
         else:
             zarr = _import_zarr(path, "to read this compressed or tiled TIFF")
 

@@ -497,17 +497,42 @@ def _check_boxes(vol, a, seed=0):
     np.testing.assert_array_equal(vol[:, 3:, :-2], a[:, 3:, :-2])
 
 
-def test_open_volume_memmap(tmp_path):
+def test_open_volume_contiguous(tmp_path):
     a = _volume("uint16", (6, 20, 23))
     io.write(tmp_path / "v.tif", a, VOXEL)
     with io.open_volume(tmp_path / "v.tif") as vol:
-        assert isinstance(vol._src["data"], np.memmap)  # mapped, not loaded
+        # Read box by box with positioned reads: never loaded, never mapped.
+        assert isinstance(vol._src["data"], io._ContiguousReader)
         assert vol.shape == a.shape and vol.dtype == a.dtype and vol.format == "imagej-tiff"
         assert vol.voxel_size == pytest.approx(VOXEL)
         _check_boxes(vol, a)
 
 
-def test_open_volume_big_endian_memmap(tmp_path):
+def test_open_volume_contiguous_squeezed_axes(tmp_path):
+    a = _volume("uint16", (5, 12, 13))
+    tifffile.imwrite(tmp_path / "h.tif", a[None, :, None], imagej=True,
+                     metadata={"axes": "TZCYX"})
+    with io.open_volume(tmp_path / "h.tif") as vol:
+        assert vol.shape == a.shape
+        _check_boxes(vol, a)
+
+
+def test_truncated_file_is_an_error(tmp_path):
+    a = _volume("uint16", (6, 20, 23))
+    io.write(tmp_path / "v.tif", a, VOXEL)
+    with io.open_volume(tmp_path / "v.tif") as vol:
+        offset = vol._src["data"].offset
+    # A reader told the file holds 10 planes where 6 (and the TIFF's tags) are.
+    reader = io._ContiguousReader(tmp_path / "v.tif", offset, (10, 20, 23), np.uint16)
+    try:
+        np.testing.assert_array_equal(reader[0:3, 0:20, 0:23], a[:3])
+        with pytest.raises(io.ImageIOError, match="ends early"):
+            reader[0:10, 0:20, 0:23]
+    finally:
+        reader.close()
+
+
+def test_open_volume_big_endian_contiguous(tmp_path):
     a = _volume("float32", (4, 9, 10)).astype(">f4")
     tifffile.imwrite(tmp_path / "be.tif", a, byteorder=">", photometric="minisblack")
     with io.open_volume(tmp_path / "be.tif") as vol:
