@@ -24,6 +24,7 @@ import torch
 
 import rln_fast
 from rln_fast import psf as psf_models
+from rln_fast.bench import plain_rl_periodic
 from rln_fast.rl import richardson_lucy
 
 SHAPE = (64, 256, 256)
@@ -61,13 +62,8 @@ def _otf(psf: np.ndarray, shape, device) -> torch.Tensor:
 
 
 def torch_periodic(img: torch.Tensor, otf: torch.Tensor, n: int) -> torch.Tensor:
-    """Plain RL with circular convolution, as a user writes it in torch."""
-    s = img.shape
-    x = torch.full_like(img, float(img.mean()))
-    for _ in range(n):
-        blurred = torch.fft.irfftn(torch.fft.rfftn(x) * otf, s=s)
-        x = x * torch.fft.irfftn(torch.fft.rfftn(img / blurred) * otf.conj(), s=s)
-    return x
+    """Plain RL with circular convolution, as a user writes it in torch (OTF made beforehand)."""
+    return plain_rl_periodic(img, None, n, otf=otf)
 
 
 def torch_padded(img: torch.Tensor, psf: np.ndarray, otf: torch.Tensor, n: int) -> torch.Tensor:

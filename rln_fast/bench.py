@@ -93,16 +93,19 @@ class PlainRLN(nn.Module):
         return {"E1pre": e1pre, "output": out} if return_intermediates else out
 
 
-def plain_rl_periodic(image: torch.Tensor, psf: torch.Tensor, num_iter: int) -> torch.Tensor:
+def plain_rl_periodic(image: torch.Tensor, psf: torch.Tensor | None, num_iter: int,
+                      otf: torch.Tensor | None = None) -> torch.Tensor:
     """Textbook Richardson–Lucy with circular FFT convolution, as users write it in torch.
 
-    image (z, y, x); psf (z, y, x) with its centre at voxel ``shape // 2``, sum 1. Starts
-    from the image mean, as ``richardson_lucy`` does.
+    image (z, y, x); psf (z, y, x) with its centre at voxel ``shape // 2``, sum 1, or its
+    ``otf`` (rfftn of the centred, wrapped PSF) when the caller made it already. Starts from
+    the image mean, as ``richardson_lucy`` does.
     """
-    kernel = torch.zeros_like(image)
-    kernel[tuple(slice(0, n) for n in psf.shape)] = psf
-    kernel = torch.roll(kernel, [-(n // 2) for n in psf.shape], (0, 1, 2))
-    otf = torch.fft.rfftn(kernel)
+    if otf is None:
+        kernel = torch.zeros_like(image)
+        kernel[tuple(slice(0, n) for n in psf.shape)] = psf
+        kernel = torch.roll(kernel, [-(n // 2) for n in psf.shape], (0, 1, 2))
+        otf = torch.fft.rfftn(kernel)
     s = image.shape
     x = torch.full_like(image, float(image.mean()))
     for _ in range(num_iter):
