@@ -36,6 +36,15 @@ def _one_line(e: BaseException) -> str:
     return " ".join(text.split())
 
 
+_INTERRUPTED = {
+    "deconvolve": "no output was written; its finished blocks are kept: rerun the same command "
+                  "to resume",
+    "rln": "no output was written; its finished blocks are kept: rerun the same command to resume",
+    "train": "the last checkpoint is kept: rerun the same command to resume",
+    "synth": "the pairs written so far are complete files: rerun with --skip-existing to finish",
+}
+
+
 def clean_errors(name: str) -> Callable:
     """Decorator for a command body: known failures become one line on stderr and an exit code.
 
@@ -49,8 +58,8 @@ def clean_errors(name: str) -> Callable:
             try:
                 return fn(*args, **kwargs)
             except KeyboardInterrupt:
-                click.echo(f"rln-fast {name}: interrupted; no output was written "
-                           "(a tiled run keeps its finished blocks: rerun to resume)", err=True)
+                what = _INTERRUPTED.get(name, "no output was written")
+                click.echo(f"rln-fast {name}: interrupted; {what}", err=True)
                 sys.exit(EXIT_INTERRUPTED)
             except (CommandError, ValueError, TypeError, OSError, RuntimeError) as e:
                 click.echo(f"rln-fast {name}: {_one_line(e)}", err=True)

@@ -359,3 +359,20 @@ def test_bench_bad_options(tmp_path):
     if not torch.cuda.is_available():
         assert_one_line_error(run("bench", "--device", "cuda"), "bench", "CUDA is not available")
     assert files_under(tmp_path) == []
+
+
+@pytest.mark.parametrize("name,text", [("train", "last checkpoint is kept"),
+                                       ("synth", "--skip-existing"),
+                                       ("psf", "no output was written")])
+def test_ctrl_c_says_what_is_kept(name, text, capsys):
+    from rln_fast.cli import clean_errors
+
+    @clean_errors(name)
+    def body():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as e:
+        body()
+    assert e.value.code == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"rln-fast {name}: interrupted; ") and text in err[0]
