@@ -642,7 +642,31 @@ def write(path: str | os.PathLike, arr: Any, voxel_size: Sequence[float] | None 
     except OSError as e:
         raise _write_error(e, path) from e
     finally:
+        if fmt.startswith("ome-zarr") and tmp.exists():
+            _drain_zarr()  # a failed write leaves sibling chunk writes in flight
         _remove(tmp)
+
+
+def _drain_zarr() -> None:
+    """Wait for the chunk writes still running on zarr's event loop.
+
+    When one chunk write fails, zarr raises at once while the other writes of the same call
+    go on in the background; removing the temporary folder before they end lets them
+    recreate it. zarr's loop is internal API, so anything unexpected here is ignored.
+    """
+    try:
+        import asyncio
+
+        from zarr.core.sync import sync
+
+        async def others() -> None:
+            me = asyncio.current_task()
+            await asyncio.gather(*(t for t in asyncio.all_tasks() if t is not me),
+                                 return_exceptions=True)
+
+        sync(others(), timeout=30)
+    except Exception:  # noqa: BLE001 - best effort: the removal that follows still runs
+        pass
 
 
 # ------------------------------------------------------------------------ block-wise output
@@ -826,6 +850,8 @@ class OutputVolume:
         """Stop writing; keep the partial and record for a resume, or delete both."""
         self._close()
         if not keep_record:
+            if self.format.startswith("ome-zarr"):
+                _drain_zarr()
             _remove(self._partial)
             _remove(self._record)
 
