@@ -192,16 +192,11 @@ def _tile_core(shape: tuple[int, ...], tile: Any, memory_budget: Any,
                device: torch.device) -> tuple[int, ...]:
     """Core sides for rln_deconvolve: the given tile, the largest that fits the budget, or the
     whole volume when it fits what is free."""
-    if tile is not None:
-        if memory_budget is not None:
-            raise ValueError("rln_deconvolve: give tile= or memory_budget=, not both")
-        core = tiling._triplet(tile, "tile")
-        if min(core) < 2:
-            raise ValueError(f"rln_deconvolve: tile sides must be >= 2, got {core}")
-        return tuple(min(c, s) for c, s in zip(core, shape, strict=True))
-    budget = (tiling.parse_memory(memory_budget) if memory_budget is not None
-              else tiling.available_memory(device))
-    return tiling.choose_core(shape, budget, tiling.RLN_BYTES_PER_VOXEL, tiling.RLN_HALO)
+    try:
+        return tiling.plan_core(shape, tile, memory_budget, device, tiling.RLN_BYTES_PER_VOXEL,
+                                tiling.RLN_HALO, min_side=2)
+    except ValueError as e:
+        raise ValueError(f"rln_deconvolve: {e}") from None
 
 
 def _rln_block(xb: torch.Tensor, fused: FusedRLN, mi: float, ma: float,
@@ -225,18 +220,12 @@ def _rln_tiled(x: torch.Tensor, fused: FusedRLN, core: tuple[int, ...], normaliz
     if normalize is not None:
         mi, ma = (_percentiles(x.to(torch.float32)) if x.numel() <= _QUANTILE_MAX
                   else tiling.exact_percentiles(_HostView(x)))
-    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    bar = tiling.progress_bar(len(tiles), "rln tiles", progress)
-    try:
-        for t in tiles:
-            xb = x[t.outer].to(device=device, dtype=torch.float32)
-            out[t.core] = _rln_block(xb, fused, mi, ma, normalize, rescale)[t.inner].to(out.device)
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-    return out
+
+    def block(xb: torch.Tensor) -> torch.Tensor:
+        xb = xb.to(device=device, dtype=torch.float32)
+        return _rln_block(xb, fused, mi, ma, normalize, rescale)
+
+    return tiling.run_tiles(x, tiles, block, "rln tiles", progress)
 
 
 class _HostView:

@@ -179,22 +179,13 @@ def _check_finite(volume: Any) -> None:
 
 
 def _plan(job: BlockJob, shape: tuple[int, ...], tile: Any, memory_budget: Any) -> tuple:
-    if tile is not None:
-        core = tiling._triplet(tile, "tile")
-        core = tuple(min(c, s) for c, s in zip(core, shape, strict=True))
-        if min(core) < 2:
-            raise ValueError(f"tile sides must be >= 2, got {core}")
+    if job.method == "rln":
+        bpv, extra = tiling.RLN_BYTES_PER_VOXEL, (0, 0, 0)
     else:
-        budget = (tiling.parse_memory(memory_budget) if memory_budget is not None
-                  else tiling.available_memory(_pick_device(job.device)))
-        if job.method == "rln":
-            core = tiling.choose_core(shape, budget, tiling.RLN_BYTES_PER_VOXEL, job.halo)
-        else:
-            extra = tuple(p - 1 for p in job.psf.shape)
-            core = tiling.choose_core(shape, budget, tiling.RL_BYTES_PER_VOXEL, job.halo,
-                                      extra=extra)
-    tiles = tiling.tile_grid(shape, core, job.halo, even=job.even)
-    return core, tiles
+        bpv, extra = tiling.RL_BYTES_PER_VOXEL, tuple(p - 1 for p in job.psf.shape)
+    core = tiling.plan_core(shape, tile, memory_budget, _pick_device(job.device), bpv, job.halo,
+                            extra=extra, min_side=2)
+    return core, tiling.tile_grid(shape, core, job.halo, even=job.even)
 
 
 def deconvolve_file(

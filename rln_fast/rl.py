@@ -715,8 +715,6 @@ def _tiled(image: Any, psf: Any, tile: Any, memory_budget: Any, device: Any, pro
     if callback is not None:
         raise ValueError("callback= needs the whole image at once; it cannot be combined with "
                          "tile= or memory_budget=")
-    if tile is not None and memory_budget is not None:
-        raise ValueError("give tile= or memory_budget=, not both")
     src, kind = _as_tensor(image, "image")
     _check_real(src, "image")
     if src.dim() != 3:
@@ -725,28 +723,16 @@ def _tiled(image: Any, psf: Any, tile: Any, memory_budget: Any, device: Any, pro
     k = _prepare_psf(psf, tuple(src.shape), kw["method"])
     halo = tiling.rl_halo(k.shape)
     shape = tuple(src.shape)
-    if tile is not None:
-        core = tuple(min(c, s) for c, s in zip(tiling._triplet(tile, "tile"), shape, strict=True))
-        if min(core) < 1:
-            raise ValueError(f"tile sides must be >= 1, got {core}")
-    else:
-        extra = tuple(p - 1 for p in k.shape) if kw["edges"] == "bertero" else (0, 0, 0)
-        core = tiling.choose_core(shape, tiling.parse_memory(memory_budget),
-                                  tiling.RL_BYTES_PER_VOXEL, halo, extra=extra)
+    extra = tuple(p - 1 for p in k.shape) if kw["edges"] == "bertero" else (0, 0, 0)
+    core = tiling.plan_core(shape, tile, memory_budget, dev, tiling.RL_BYTES_PER_VOXEL, halo,
+                            extra=extra)
     if kw["background"] == "auto":
         with torch.no_grad():
             kw["background"] = _auto_background(src.to(dev, torch.float32))
     tiles = tiling.tile_grid(shape, core, halo)
-    out = torch.empty(shape, dtype=torch.float32, device=src.device)
-    bar = tiling.progress_bar(len(tiles), "richardson_lucy tiles", progress)
-    try:
-        for t in tiles:
-            block = src[t.outer].to(dev)
-            res = richardson_lucy(block, k, device=dev, progress=False, **kw)
-            out[t.core] = res[t.inner].to(out.device)
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
+
+    def block(b: torch.Tensor) -> torch.Tensor:
+        return richardson_lucy(b.to(dev), k, device=dev, progress=False, **kw)
+
+    out = tiling.run_tiles(src, tiles, block, "richardson_lucy tiles", progress)
     return _to_kind(out, kind, src.device)

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["RLN_HALO", "Tile", "choose_core", "exact_percentiles", "parse_memory", "rl_halo",
-           "tile_grid"]
+__all__ = ["RLN_HALO", "Tile", "choose_core", "exact_percentiles", "parse_memory", "plan_core",
+           "rl_halo", "run_tiles", "tile_grid"]
 
 RLN_HALO = 16
 # Working memory of one RLN tile per voxel of its outer box (float32, fused form): measured
@@ -181,6 +181,42 @@ def choose_core(
             if cost(trial) <= budget:
                 core, grown = trial, True
     return tuple(core)  # type: ignore[return-value]
+
+
+def plan_core(shape: Sequence[int], tile: Any, memory_budget: Any, device: Any,
+              bytes_per_voxel: float, halo: Any, *, extra: Sequence[int] = (0, 0, 0),
+              min_side: int = 1) -> tuple[int, int, int]:
+    """Core sides from the caller's choice: ``tile`` as given (clipped to the volume), else the
+    largest that fits ``memory_budget`` (bytes or "4GB"), else what is free on ``device``."""
+    shape = _triplet(shape, "shape")
+    if tile is not None:
+        if memory_budget is not None:
+            raise ValueError("give tile= or memory_budget=, not both")
+        core = _triplet(tile, "tile")
+        if min(core) < min_side:
+            raise ValueError(f"tile sides must be >= {min_side}, got {core}")
+        return tuple(min(c, s) for c, s in zip(core, shape, strict=True))  # type: ignore[return-value]
+    budget = (parse_memory(memory_budget) if memory_budget is not None
+              else available_memory(device))
+    return choose_core(shape, budget, bytes_per_voxel, halo, extra=extra)
+
+
+def run_tiles(x: Any, tiles: Sequence[Tile], fn: Any, desc: str, progress: bool) -> Any:
+    """out[t.core] = fn(x[t.outer])[t.inner] for every tile: a float32 tensor where ``x`` is
+    (its device), however many tiles run."""
+    import torch
+
+    out = torch.empty(tuple(x.shape), dtype=torch.float32, device=x.device)
+    bar = progress_bar(len(tiles), desc, progress)
+    try:
+        for t in tiles:
+            out[t.core] = fn(x[t.outer])[t.inner].to(out.device)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return out
 
 
 def rl_halo(psf_shape: Sequence[int], widths: float = 2.0) -> tuple[int, int, int]:
