@@ -3,11 +3,17 @@
 Every command reports a failure as one line on stderr ("rln-fast CMD: what went wrong, which
 file, what to do"), exits non-zero and leaves no partial output; ``clean_errors`` below is the
 one place that turns exceptions into that line.
+
+Every command that computes takes ``--threads N`` and ``-q/--quiet``, and those with long
+steps ``--progress/--no-progress`` (default: progress bars on stderr when it is a terminal).
+Nothing heavy is imported at module level (torch, numpy, the package's modules): ``rln-fast
+--help`` and ``rln-fast CMD --help`` answer without loading torch (tests/test_cli.py checks).
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 import sys
@@ -70,9 +76,115 @@ def clean_errors(name: str) -> Callable:
     return wrap
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _LazyGroup(click.Group):
+    """A group whose commands in ``lazy`` are built on first use, by a factory, because their
+    option defaults come from a module that imports torch (train: TrainConfig). ``lazy``
+    maps a name to (factory, the command's body): the command list in ``--help`` takes the
+    one-line summary from the body's docstring instead of building the command."""
+
+    lazy: dict[str, tuple[Callable[[], click.Command], Callable]] = {}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(self.lazy))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy and name not in self.commands:
+            self.add_command(self.lazy[name][0](), name)
+        return super().get_command(ctx, name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        names = self.list_commands(ctx)
+        limit = formatter.width - 6 - max(map(len, names), default=0)
+        rows = []
+        for name in names:
+            if name in self.lazy and name not in self.commands:
+                doc = inspect.getdoc(self.lazy[name][1]) or ""
+                rows.append((name, click.utils.make_default_short_help(doc, limit)))
+                continue
+            cmd = self.get_command(ctx, name)
+            if cmd is not None and not cmd.hidden:
+                rows.append((name, cmd.get_short_help_str(limit)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Fast 3D deconvolution (RLN and Richardson-Lucy) on PyTorch."""
+
+
+# --------------------------------------------------------------------------- talking
+
+_QUIET = "rln_fast.quiet"
+_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def _echo(message: str) -> None:
+    """An informational line on stdout, unless the command runs with -q/--quiet."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None or not ctx.meta.get(_QUIET):
+        click.echo(message)
+
+
+def _warn(name: str, message: str) -> None:
+    """A warning on stderr, also with -q (it says what rln-fast assumed)."""
+    click.echo(f"rln-fast {name}: warning: {message}", err=True)
+
+
+def _show_progress(progress: bool | None, quiet: bool) -> bool:
+    """Progress bars on stderr: never with quiet, as asked by --progress/--no-progress, else
+    only when stderr is a terminal (not in pipes, logs or batch jobs)."""
+    if quiet:
+        return False
+    if progress is not None:
+        return progress
+    return sys.stderr.isatty()
+
+
+def _set_threads(threads: int | None, torch: bool = True) -> None:
+    """Use ``threads`` CPU threads: torch's intra-op pool, and OpenMP in rln_fast's kernels
+    (they share torch's libgomp, so torch.set_num_threads sets both); the OMP/MKL/OpenBLAS
+    variables also cover what is imported later and child processes."""
+    if threads is None:
+        return
+    for var in _THREAD_VARS:
+        os.environ[var] = str(threads)
+    if torch:
+        import torch as _torch
+
+        _torch.set_num_threads(threads)
+
+
+def _talk_options(progress: bool = True, torch: bool = True) -> Callable:
+    """--threads and -q/--quiet (and --progress/--no-progress when ``progress``) for a command
+    that computes; the command body gets ``progress`` as a plain bool."""
+
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def run(*args: Any, quiet: bool, threads: int | None, **kw: Any) -> Any:
+            click.get_current_context().meta[_QUIET] = quiet
+            _set_threads(threads, torch=torch)
+            if progress:
+                kw["progress"] = _show_progress(kw["progress"], quiet)
+            return fn(*args, **kw)
+
+        options = [
+            click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N",
+                         help="CPU threads (torch and rln_fast's OpenMP kernels) [all cores]."),
+            click.option("-q", "--quiet", is_flag=True,
+                         help="Print nothing but warnings and errors" + (" (no progress)."
+                                                                        if progress else ".")),
+        ]
+        if progress:
+            options.append(click.option(
+                "--progress/--no-progress", default=None,
+                help="Progress bars on stderr [only when stderr is a terminal]."))
+        for option in reversed(options):
+            run = option(run)
+        return run
+
+    return decorate
 
 
 @main.command()
@@ -88,17 +200,18 @@ def info() -> None:
               help="Folder for demo.png and demo.json.")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
 @click.option("--iterations", default=30, show_default=True, help="Richardson-Lucy iterations.")
+@_talk_options()
 @clean_errors("demo")
-def demo(out_dir: str, device: str | None, iterations: int) -> None:
+def demo(out_dir: str, device: str | None, iterations: int, progress: bool) -> None:
     """Deconvolve a synthetic widefield volume with RL and the shipped RLN; write a comparison."""
     from .demo import run_demo
 
-    m = run_demo(out_dir, device=device, rl_iterations=iterations)
+    m = run_demo(out_dir, device=device, rl_iterations=iterations, progress=progress)
     for name, value in m["psnr_db"].items():
-        click.echo(f"  PSNR {name:>6}: {value:6.2f} dB")
+        _echo(f"  PSNR {name:>6}: {value:6.2f} dB")
     for name, value in m["seconds"].items():
-        click.echo(f"  time {name:>6}: {value:6.2f} s")
-    click.echo(f"wrote {out_dir}/demo.png and {out_dir}/demo.json")
+        _echo(f"  time {name:>6}: {value:6.2f} s")
+    _echo(f"wrote {out_dir}/demo.png and {out_dir}/demo.json")
 
 
 # --------------------------------------------------------------------------- files
@@ -379,6 +492,7 @@ def _resolve_psf(psf_file: Path | None, psf_model: str | None, psf_shape: Any,
 @click.option("--shape", nargs=3, type=int, required=True, metavar="D H W",
               help="PSF size in voxels (z, y, x); the peak is at voxel shape // 2.")
 @_optics_options
+@_talk_options(progress=False, torch=False)
 @clean_errors("psf")
 def psf_cmd(model: str, output: Path, shape: tuple[int, int, int], **optics: Any) -> None:
     """Generate a PSF: MODEL is born-wolf, gibson-lanni, gaussian or confocal.
@@ -401,8 +515,8 @@ def psf_cmd(model: str, output: Path, shape: tuple[int, int, int], **optics: Any
                    "shape // 2, where rln_fast expects it); odd sides keep the PSF symmetric",
                    err=True)
     note = " (.npy keeps no voxel size)" if output.suffix.lower() == ".npy" else ""
-    click.echo(f"wrote {output}: {model} PSF, shape {tuple(arr.shape)} (z, y, x), "
-               f"voxel size {voxel} µm{note}")
+    _echo(f"wrote {output}: {model} PSF, shape {tuple(arr.shape)} (z, y, x), "
+          f"voxel size {voxel} µm{note}")
 
 
 # --------------------------------------------------------------------------- synth
@@ -419,7 +533,7 @@ def psf_cmd(model: str, output: Path, shape: tuple[int, int, int], **optics: Any
 @click.option("--device", default=None, help="cpu or cuda for the blur and convolution.")
 @click.option("--skip-existing", is_flag=True,
               help="Keep pairs already written (finish a killed run).")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@_talk_options()
 @clean_errors("synth")
 def synth_cmd(out_dir: Path, n: int, shape: tuple[int, int, int], seed: int,
               psf_file: Path | None, psf_model: str | None, psf_shape: Any,
@@ -446,8 +560,8 @@ def synth_cmd(out_dir: Path, n: int, shape: tuple[int, int, int], seed: int,
         psf_arr = default_psf()
     synth.write_pairs(out_dir, n, psf_arr, shape, seed, device=device, progress=progress,
                       skip_existing=skip_existing)
-    click.echo(f"wrote {n} pair{'s' * (n != 1)} {tuple(shape)} to {out_dir / 'gt'} and "
-               f"{out_dir / 'input'} (seeds {seed}..{seed + n - 1}; PSF: {what})")
+    _echo(f"wrote {n} pair{'s' * (n != 1)} {tuple(shape)} to {out_dir / 'gt'} and "
+          f"{out_dir / 'input'} (seeds {seed}..{seed + n - 1}; PSF: {what})")
 
 
 # --------------------------------------------------------------------------- train
@@ -502,46 +616,6 @@ def _train_default(name: str) -> Any:
     return tuple(value) if isinstance(value, tuple) else value
 
 
-@main.command("train")
-@click.argument("out_dir", type=click.Path(path_type=Path))
-@click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None,
-              help="Folder with gt/ and input/ TIFF pairs of the same names (rln-fast synth).")
-@click.option("--synthetic", is_flag=True,
-              help="Generate phantom pairs on the fly (the default without --data).")
-@click.option("--volumes", "n_volumes", type=int, default=_train_default("n_volumes"),
-              show_default=True, help="Synthetic training volumes.")
-@click.option("--phantom-shape", nargs=3, type=int, default=_train_default("phantom_shape"),
-              show_default=True, metavar="D H W", help="Synthetic volume size (z, y, x).")
-@click.option("--data-seed", type=int, default=_train_default("data_seed"), show_default=True,
-              help="Synthetic volume i uses seed data-seed + i.")
-@click.option("--val", "n_val", type=int, default=_train_default("n_val"), show_default=True,
-              help="Held-out validation pairs (with --data: the last ones by name).")
-@click.option("--steps", type=int, default=_train_default("steps"), show_default=True,
-              help="Total optimiser steps (a resumed run continues up to this).")
-@click.option("--batch", "batch_size", type=int, default=_train_default("batch_size"),
-              show_default=True, help="Crops per step, all from one volume.")
-@click.option("--crop", nargs=3, type=int, default=_train_default("crop"), show_default=True,
-              metavar="D H W", help="Crop size in voxels (z, y, x).")
-@click.option("--lr", type=float, default=_train_default("lr"), show_default=True,
-              help="Initial learning rate (held, then decayed).")
-@click.option("--checkpoint-every", type=int, default=_train_default("checkpoint_every"),
-              show_default=True, help="Steps between checkpoints (and loss-curve plots).")
-@click.option("--validate-every", "val_every", type=int, default=_train_default("val_every"),
-              show_default=True, help="Steps between validations.")
-@click.option("--augment/--no-augment", default=_train_default("augment"), show_default=True,
-              help="Random flips and xy rotations of the crops.")
-@click.option("--gradients", type=click.Choice(["paper", "exact"]),
-              default=_train_default("gradients"), show_default=True,
-              help="paper: the released graph's surrogate RL gradients.")
-@click.option("--bn", type=click.Choice(["official", "torch"]), default=_train_default("bn"),
-              show_default=True, help="BatchNorm running-variance update.")
-@click.option("--seed", type=int, default=_train_default("seed"), show_default=True,
-              help="Seed of the initialisation and the crop stream.")
-@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
-@click.option("--resume/--no-resume", default=True, show_default=True,
-              help="Continue from OUT_DIR/checkpoint.pt when present.")
-@click.option("--progress/--no-progress", default=True, show_default=True)
-@_psf_source_options
 @clean_errors("train")
 def train_cmd(out_dir: Path, data_dir: Path | None, synthetic: bool, n_volumes: int,
               phantom_shape: tuple[int, int, int], data_seed: int, n_val: int, steps: int,
@@ -593,8 +667,8 @@ def train_cmd(out_dir: Path, data_dir: Path | None, synthetic: bool, n_volumes: 
     if resume and ckpt.exists():
         step = _checkpoint_step(ckpt)
         if step is not None:
-            click.echo(f"resuming from {ckpt} at step {step}")
-    click.echo(f"training on {what}")
+            _echo(f"resuming from {ckpt} at step {step}")
+    _echo(f"training on {what}")
     created = not out_dir.exists()
     last: dict[str, Any] = {}
     try:
@@ -607,13 +681,64 @@ def train_cmd(out_dir: Path, data_dir: Path | None, synthetic: bool, n_volumes: 
         _clean_failed_run(out_dir, created)
         raise
     if last:
-        click.echo(f"step {last['step']}: loss {last['loss']:.4f}")
-    click.echo(f"model: {out_dir / MODEL_NAME}")
+        _echo(f"step {last['step']}: loss {last['loss']:.4f}")
+    _echo(f"model: {out_dir / MODEL_NAME}")
     curve = [out_dir / LOSS_CSV] + [out_dir / LOSS_PNG] * (out_dir / LOSS_PNG).exists()
-    click.echo(f"loss curve: {', '.join(map(str, curve))}")
+    _echo(f"loss curve: {', '.join(map(str, curve))}")
     if n_val:
-        click.echo(f"validation: {out_dir / VAL_CSV}")
-    click.echo(f"checkpoint: {ckpt} (rerun the same command with a larger --steps to continue)")
+        _echo(f"validation: {out_dir / VAL_CSV}")
+    _echo(f"checkpoint: {ckpt} (rerun the same command with a larger --steps to continue)")
+
+
+def _train_command() -> click.Command:
+    """The train command, built when it is first asked for: its defaults are TrainConfig's and
+    rln_fast.train imports torch (see _LazyGroup)."""
+    options = [
+        click.argument("out_dir", type=click.Path(path_type=Path)),
+        click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None,
+                     help="Folder with gt/ and input/ TIFF pairs of the same names (rln-fast synth)."),
+        click.option("--synthetic", is_flag=True,
+                     help="Generate phantom pairs on the fly (the default without --data)."),
+        click.option("--volumes", "n_volumes", type=int, default=_train_default("n_volumes"),
+                     show_default=True, help="Synthetic training volumes."),
+        click.option("--phantom-shape", nargs=3, type=int, default=_train_default("phantom_shape"),
+                     show_default=True, metavar="D H W", help="Synthetic volume size (z, y, x)."),
+        click.option("--data-seed", type=int, default=_train_default("data_seed"), show_default=True,
+                     help="Synthetic volume i uses seed data-seed + i."),
+        click.option("--val", "n_val", type=int, default=_train_default("n_val"), show_default=True,
+                     help="Held-out validation pairs (with --data: the last ones by name)."),
+        click.option("--steps", type=int, default=_train_default("steps"), show_default=True,
+                     help="Total optimiser steps (a resumed run continues up to this)."),
+        click.option("--batch", "batch_size", type=int, default=_train_default("batch_size"),
+                     show_default=True, help="Crops per step, all from one volume."),
+        click.option("--crop", nargs=3, type=int, default=_train_default("crop"), show_default=True,
+                     metavar="D H W", help="Crop size in voxels (z, y, x)."),
+        click.option("--lr", type=float, default=_train_default("lr"), show_default=True,
+                     help="Initial learning rate (held, then decayed)."),
+        click.option("--checkpoint-every", type=int, default=_train_default("checkpoint_every"),
+                     show_default=True, help="Steps between checkpoints (and loss-curve plots)."),
+        click.option("--validate-every", "val_every", type=int, default=_train_default("val_every"),
+                     show_default=True, help="Steps between validations."),
+        click.option("--augment/--no-augment", default=_train_default("augment"), show_default=True,
+                     help="Random flips and xy rotations of the crops."),
+        click.option("--gradients", type=click.Choice(["paper", "exact"]),
+                     default=_train_default("gradients"), show_default=True,
+                     help="paper: the released graph's surrogate RL gradients."),
+        click.option("--bn", type=click.Choice(["official", "torch"]), default=_train_default("bn"),
+                     show_default=True, help="BatchNorm running-variance update."),
+        click.option("--seed", type=int, default=_train_default("seed"), show_default=True,
+                     help="Seed of the initialisation and the crop stream."),
+        click.option("--device", default=None, help="cpu or cuda (default: cuda when available)."),
+        click.option("--resume/--no-resume", default=True, show_default=True,
+                     help="Continue from OUT_DIR/checkpoint.pt when present."),
+    ]
+    cmd = _psf_source_options(_talk_options()(train_cmd))
+    for option in reversed(options):
+        cmd = option(cmd)
+    return click.command("train")(cmd)
+
+
+main.lazy = {"train": (_train_command, train_cmd)}
 
 
 # --------------------------------------------------------------------------- bench
@@ -628,7 +753,7 @@ def train_cmd(out_dir: Path, data_dir: Path | None, synthetic: bool, n_volumes: 
 @click.option("--rounds", type=int, default=None, help="Timed runs per method [5; --quick: 2].")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
               help="Also save the report as JSON here.")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@_talk_options()
 @clean_errors("bench")
 def bench_cmd(device: str | None, size: Any, quick: bool, rounds: int | None,
               json_path: Path | None, progress: bool) -> None:
@@ -647,21 +772,21 @@ def bench_cmd(device: str | None, size: Any, quick: bool, rounds: int | None,
     report = run_bench(size_t, device=device, rounds=rounds or (2 if quick else 5),
                        rl_iterations=10 if quick else 20, progress=progress)
     report["quick"] = quick
-    click.echo(f"rln-fast bench: {report['device_type']} ({report['device']}, "
-               f"{report['threads']} threads), torch {report['torch']}, volume "
-               f"{'x'.join(map(str, report['size']))}, median of {report['rounds']} "
-               f"run{'s' * (report['rounds'] != 1)}")
+    _echo(f"rln-fast bench: {report['device_type']} ({report['device']}, "
+          f"{report['threads']} threads), torch {report['torch']}, volume "
+          f"{'x'.join(map(str, report['size']))}, median of {report['rounds']} "
+          f"run{'s' * (report['rounds'] != 1)}")
     labels = {"rln_inference": ("RLN inference", "plain PyTorch RLN"),
               "richardson_lucy": ("Richardson-Lucy", "plain torch FFT loop")}
     for key, r in report["results"].items():
         name, base = labels[key]
         extra = f", {r['iterations']} iterations" if "iterations" in r else ""
-        click.echo(f"  {name:<16} ours {r['ours_s']:8.4f} s   {base} {r['baseline_s']:8.4f} s   "
-                   f"speedup {r['speedup']:6.2f}x   (max rel diff {r['max_rel_diff']:.1e}{extra})")
+        _echo(f"  {name:<16} ours {r['ours_s']:8.4f} s   {base} {r['baseline_s']:8.4f} s   "
+              f"speedup {r['speedup']:6.2f}x   (max rel diff {r['max_rel_diff']:.1e}{extra})")
     if json_path is not None:
         text = json.dumps(report, indent=2).encode()
         _atomic_write(json_path, lambda f: f.write(text))
-        click.echo(f"wrote {json_path}")
+        _echo(f"wrote {json_path}")
 
 
 # --------------------------------------------------------------------------- deconvolve
@@ -669,11 +794,11 @@ def bench_cmd(device: str | None, size: Any, quick: bool, rounds: int | None,
 _ACCELERATIONS = {"biggs": "biggs", "none": None}
 
 
-def _deconvolve(input_path: Path, output: Path, method: str, **kw: Any) -> None:
+def _deconvolve(name: str, input_path: Path, output: Path, method: str, **kw: Any) -> None:
     from .distributed import deconvolve_file
 
     if kw.pop("skip_existing") and output.exists():
-        click.echo(f"{output} exists; skipped (--skip-existing)")
+        _echo(f"{output} exists; skipped (--skip-existing)")
         return
     if not input_path.exists():
         raise CommandError(f"input {input_path} does not exist; check the path")
@@ -692,6 +817,7 @@ def _deconvolve(input_path: Path, output: Path, method: str, **kw: Any) -> None:
         except ValueError:
             raise CommandError(f"--background {bg!r}: give a number or 'auto'") from None
     normalize = kw.pop("normalize")
+    _say_voxel_sizes(name, input_path, kw["psf"], kw["voxel_size"])
     summary = deconvolve_file(
         input_path, output, method=method, rl_options=rl_options,
         normalize=None if normalize == "none" else normalize, device=_check_device(kw.pop("device")),
@@ -700,9 +826,47 @@ def _deconvolve(input_path: Path, output: Path, method: str, **kw: Any) -> None:
         num_iter=kw.pop("iterations"),
         model=kw.pop("model"), official_checkpoint=kw.pop("official_checkpoint"), **kw)
     resumed = summary["resumed_blocks"]
-    click.echo(f"wrote {output}: {summary['blocks']} block(s) of {summary['block']}"
+    _echo(f"wrote {output}: {summary['blocks']} block(s) of {summary['block']}"
                + (f", {resumed} kept from an interrupted run" if resumed else "")
                + f", {summary['seconds']:.1f} s")
+
+
+def _say_voxel_sizes(name: str, input_path: Path, psf: Path | None, voxel_size: Any) -> None:
+    """Warn when the image's or the PSF's voxel size is unknown, saying what is assumed; say
+    when the PSF is resampled to the image's voxel size."""
+    from . import io
+
+    if voxel_size:
+        image_vox = tuple(voxel_size)
+    else:
+        try:
+            with io.open_volume(input_path) as src:
+                image_vox = src.voxel_size
+        except Exception:  # noqa: BLE001 - deconvolve_file reports an unreadable input itself
+            return
+        if image_vox is None:
+            _warn(name, f"{input_path} has no voxel size in its metadata; "
+                  + ("the output gets none" if psf is None else
+                     "assuming the PSF is sampled at the image's (unknown) voxel size, "
+                     "without resampling, and the output gets none")
+                  + "; give --voxel-size DZ DY DX (µm) to set it")
+    if psf is None:
+        return
+    try:
+        psf_vox = io.read(psf)[1].get("voxel_size")
+    except Exception:  # noqa: BLE001 - deconvolve_file reports an unreadable PSF itself
+        return
+    if psf_vox is None:
+        at = "" if image_vox is None else f" ({_um(image_vox)})"
+        _warn(name, f"the PSF {psf} has no voxel size in its metadata; assuming it is sampled "
+              f"at the image's voxel size{at}, without resampling")
+    elif image_vox is not None and any(abs(a - b) > 1e-3 * abs(b)
+                                       for a, b in zip(psf_vox, image_vox, strict=True)):
+        _echo(f"resampling the PSF {psf} from {_um(psf_vox)} to the image's {_um(image_vox)}")
+
+
+def _um(voxel_size: Any) -> str:
+    return "(" + ", ".join(f"{v:g}" for v in voxel_size) + ") µm (z, y, x)"
 
 
 def _deconvolve_options(fn: Callable) -> Callable:
@@ -726,8 +890,11 @@ def _deconvolve_options(fn: Callable) -> Callable:
                      help="RL-TV weight (0: none)."),
         click.option("--background", default="0", show_default=True,
                      help="RL background: a number or 'auto'."),
-        click.option("--normalize", type=click.Choice(["global", "none"]), default="global",
-                     show_default=True, help="RLN input normalisation (percentiles of the volume)."),
+        click.option("--normalize", type=click.Choice(["global", "official", "none"]),
+                     default="global", show_default=True,
+                     help="RLN input normalisation by the volume's 0.01 and 99.5 percentiles; "
+                          "global maps the output back to input units, official leaves it in "
+                          "the network's units, none feeds the raw values."),
         click.option("--voxel-size", nargs=3, type=float, default=None, metavar="DZ DY DX",
                      help="µm; default: read from the input's metadata."),
         click.option("--tile", nargs=3, type=int, default=None, metavar="D H W",
@@ -744,7 +911,6 @@ def _deconvolve_options(fn: Callable) -> Callable:
         click.option("--skip-existing", is_flag=True, help="Do nothing when OUTPUT exists."),
         click.option("--resume/--no-resume", default=True, show_default=True,
                      help="Keep the finished blocks of an interrupted run."),
-        click.option("--progress/--no-progress", default=True, show_default=True),
     ]
     for opt in reversed(options):
         fn = opt(fn)
@@ -754,19 +920,21 @@ def _deconvolve_options(fn: Callable) -> Callable:
 @main.command("deconvolve")
 @click.option("--method", type=click.Choice(["rln", "rl"]), default="rln", show_default=True)
 @_deconvolve_options
+@_talk_options()
 @clean_errors("deconvolve")
 def deconvolve_cmd(input_path: Path, output: Path, method: str, **kw: Any) -> None:
     """Deconvolve INPUT (TIFF, OME-TIFF, OME-Zarr) into OUTPUT (.tif, .ome.tif, .zarr), block by
     block within the memory budget; an interrupted run resumes where it stopped."""
-    _deconvolve(input_path, output, method, **kw)
+    _deconvolve("deconvolve", input_path, output, method, **kw)
 
 
 @main.command("rln")
 @_deconvolve_options
+@_talk_options()
 @clean_errors("rln")
 def rln_cmd(input_path: Path, output: Path, **kw: Any) -> None:
     """Same as `deconvolve --method rln`."""
-    _deconvolve(input_path, output, "rln", **kw)
+    _deconvolve("rln", input_path, output, "rln", **kw)
 
 
 if __name__ == "__main__":

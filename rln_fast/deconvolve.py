@@ -15,7 +15,7 @@ from rln_fast.models.rln import RLN, FusedRLN
 __all__ = ["rln_deconvolve"]
 
 _P_LOW, _P_HIGH = 0.01, 99.5  # percentiles of the official inference script
-_NORMALIZE = ("global", "official", None)
+_NORMALIZE = ("global", "official", "none", None)  # "none": None, as the CLI spells it
 # torch.quantile refuses inputs above 2**24 elements; larger volumes go to numpy.
 _QUANTILE_MAX = 1 << 24
 
@@ -117,7 +117,7 @@ def rln_deconvolve(
         the network output is returned as is (rescale is ignored).
       "global" (default): the same statistics over the whole volume, and the output
         mapped back to input units by inverting that affine unless rescale=False.
-      None: the raw volume goes in, the raw network output comes out.
+      None (or "none"): the raw volume goes in, the raw network output comes out.
     device: where the network runs; default the input's device for torch/cupy, else
     CUDA when available, else CPU.
     tile: None, an int or (D, H, W): run in tiles with these core sides (even, since the
@@ -134,6 +134,7 @@ def rln_deconvolve(
         raise ValueError(
             f"rln_deconvolve: normalize must be one of {_NORMALIZE}, got {normalize!r}"
         )
+    normalize = None if normalize == "none" else normalize
     x, kind = _as_torch(volume)
     if x.dim() != 3:
         raise ValueError(

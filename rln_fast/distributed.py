@@ -68,8 +68,9 @@ class BlockJob:
                 "rescale": self.rescale, "stats": [float(s) for s in self.stats],
                 "rl": {k: v for k, v in sorted(self.rl.items())}, "weights": h.hexdigest()}
 
-    def compute(self, block: np.ndarray) -> torch.Tensor:
-        """The deconvolved outer box (float32, on the compute device)."""
+    def compute(self, block: np.ndarray, callback: Any = None) -> torch.Tensor:
+        """The deconvolved outer box (float32, on the compute device). ``callback``: RL only,
+        richardson_lucy's callback(i, estimate) after each iteration (progress)."""
         dev = _pick_device(self.device)
         x = torch.from_numpy(np.asarray(block)).to(dev, torch.float32)
         if self.method == "rln":
@@ -81,11 +82,13 @@ class BlockJob:
             return _rln_block(x, self.fused, mi, ma, self.normalize, self.rescale)
         from rln_fast.rl import richardson_lucy
 
-        return richardson_lucy(x, self.psf, device=dev, progress=False, **self.rl)
+        return richardson_lucy(x, self.psf, device=dev, progress=False, callback=callback,
+                               **self.rl)
 
-    def run(self, source: io.Volume, out: io.OutputVolume, tile: tiling.Tile) -> tuple[int, ...]:
+    def run(self, source: io.Volume, out: io.OutputVolume, tile: tiling.Tile,
+            callback: Any = None) -> tuple[int, ...]:
         """Read the tile's outer box, deconvolve it, write its core; returns the block index."""
-        y = self.compute(source[tile.outer])
+        y = self.compute(source[tile.outer], callback)
         out.write_block(tile.index, y[tile.inner].cpu().numpy())
         return tile.index
 
@@ -148,9 +151,9 @@ def make_job(volume: Any, *, method: str = "rln", model: Any = None,
 
         if normalize not in _NORMALIZE:
             raise ValueError(f"normalize must be one of {_NORMALIZE}, got {normalize!r}")
-        if normalize == "official":
-            raise ValueError("normalize='official' normalises each volume on its own; block by "
-                             "block it would differ per block, use 'global'")
+        normalize = None if normalize == "none" else normalize
+        # "official" takes the same whole-volume percentiles as "global" (as rln_deconvolve's
+        # tiled path does); _rln_block then leaves the output in the network's units.
         fused = _load_model(model, official_checkpoint)
         stats = (0.0, 0.0)
         if normalize is not None:
@@ -201,7 +204,8 @@ def deconvolve_file(
     method "rln" (model: None/"default" = the shipped one, a path from RLN.save, an RLN; or
     official_checkpoint = a TF checkpoint prefix) or "rl" (psf: a file or an array;
     num_iter; rl_options: richardson_lucy's keywords such as acceleration, edges, tv,
-    background). tile (D, H, W) or memory_budget ("4GB"; default: what is free on the device)
+    background). normalize (RLN): "global", "official" or None/"none" as in rln_deconvolve,
+    the percentiles always over the whole volume. tile (D, H, W) or memory_budget ("4GB"; default: what is free on the device)
     sets the block size; the output is float32, written as one block per tile (a Zarr shard
     each), voxel size from the input unless ``voxel_size`` is given. scheduler: None (this
     process), "local" (a Dask LocalCluster, or dask-cuda's LocalCUDACluster with one worker
@@ -241,12 +245,26 @@ def deconvolve_file(
 
 
 def _run_here(job: BlockJob, src: io.Volume, out: io.OutputVolume, todo: list, progress: bool):
-    bar = tiling.progress_bar(len(todo), f"{job.method} blocks", progress, unit="block")
+    """Block after block in this process. Progress: RL counts iterations over all blocks (so a
+    one-block run shows them too), RLN counts blocks (one bar even for one block)."""
+    iters = int(job.rl.get("num_iter", 0)) if job.method == "rl" else 0
+    if iters:
+        bar = tiling.progress_bar(len(todo) * iters, "rl", progress, unit="it", min_total=1)
+    else:
+        bar = tiling.progress_bar(len(todo), f"{job.method} blocks", progress, unit="block",
+                                  min_total=1)
+
+    def tick(i: int, estimate: torch.Tensor) -> None:  # returns None: True would stop RL
+        bar.update(1)
+
+    per_iteration = bar is not None and iters > 0
     try:
-        for t in todo:
-            job.run(src, out, t)
-            if bar is not None:
-                bar.update(1)
+        for n, t in enumerate(todo, 1):
+            if per_iteration and len(todo) > 1:
+                bar.set_postfix_str(f"block {n}/{len(todo)}", refresh=False)
+            job.run(src, out, t, tick if per_iteration else None)
+            if bar is not None:  # RL: the rest of the block's iterations when rtol stopped early
+                bar.update(n * iters - bar.n if iters else 1)
     finally:
         if bar is not None:
             bar.close()

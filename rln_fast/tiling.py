@@ -320,9 +320,11 @@ def exact_percentiles(volume: Any, q: Sequence[float] = (0.01, 99.5), *,
     return tuple(out)
 
 
-def progress_bar(total: int, desc: str, enabled: bool, unit: str = "tile") -> Any:
-    """A tqdm bar when asked for, tqdm is installed and there is more than one step; else None."""
-    if not enabled or total <= 1:
+def progress_bar(total: int, desc: str, enabled: bool, unit: str = "tile",
+                 min_total: int = 2) -> Any:
+    """A tqdm bar (on stderr) when asked for, tqdm is installed and there are at least
+    ``min_total`` steps; else None."""
+    if not enabled or total < min_total:
         return None
     try:
         from tqdm.auto import tqdm
