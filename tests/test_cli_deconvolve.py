@@ -4,6 +4,7 @@ no output file (an interrupted run keeps only its block record, and resumes)."""
 from __future__ import annotations
 
 import errno
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -187,3 +188,166 @@ def test_unwritable_output_folder(tmp_path, stack, monkeypatch):
                         lambda p, mode, **k: False if Path(p) == folder else real_access(p, mode))
     _fails(_run("deconvolve", path, folder / "out.zarr", "--no-progress"), "is not writable")
     assert list(folder.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- a command that talks
+
+class _Bar:
+    """Stands in for tqdm: records the total and every update."""
+
+    made: list[_Bar] = []
+
+    def __init__(self, total: int, desc: str, unit: str) -> None:
+        self.total, self.desc, self.unit, self.n, self.updates = total, desc, unit, 0, 0
+        _Bar.made.append(self)
+
+    def update(self, k: int = 1) -> None:
+        self.n += k
+        self.updates += 1
+
+    def set_postfix_str(self, *a: object, **k: object) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def bars(monkeypatch):
+    from rln_fast import tiling
+
+    _Bar.made = []
+
+    def fake(total, desc, enabled, unit="tile", min_total=2):
+        return _Bar(total, desc, unit) if enabled and total >= min_total else None
+
+    monkeypatch.setattr(tiling, "progress_bar", fake)
+    return _Bar.made
+
+
+def _delta_psf(tmp_path: Path, voxel=VOXEL) -> Path:
+    psf = tmp_path / ("psf.tif" if voxel else "bare_psf.tif")
+    k = np.pad(np.ones((1, 1, 1), np.float32), 2)  # 5x5x5: tifffile reads (3, 3, 3) as RGB
+    if voxel:
+        io.write(psf, k, voxel_size=voxel)
+    else:
+        tifffile.imwrite(psf, k)  # no metadata: no voxel size
+    return psf
+
+
+@pytest.mark.parametrize("tile", [None, (12, 40, 36)])
+def test_rl_progress_counts_every_iteration_of_every_block(tmp_path, stack, bars, tile):
+    path, _ = stack
+    extra = ["--tile", *tile] if tile else []
+    r = _run("deconvolve", path, tmp_path / "o.tif", "--method", "rl", "--psf",
+             _delta_psf(tmp_path), "--iterations", 4, "--progress", *extra)
+    assert r.exit_code == 0, r.output
+    blocks = 1 if tile is None else 2
+    [bar] = [b for b in bars if b.desc == "rl"]
+    assert (bar.total, bar.unit, bar.n) == (4 * blocks, "it", 4 * blocks)
+    assert bar.updates >= 4 * blocks  # one per iteration, not one per block
+
+
+def test_rln_progress_counts_blocks_also_one(tmp_path, stack, model_path, bars):
+    path, _ = stack
+    r = _run("deconvolve", path, tmp_path / "o.tif", "--model", model_path, "--progress")
+    assert r.exit_code == 0, r.output
+    [bar] = [b for b in bars if b.desc == "rln blocks"]
+    assert (bar.total, bar.n) == (1, 1)
+
+
+def test_progress_only_on_a_terminal_unless_asked(tmp_path, stack):
+    path, _ = stack
+    psf = _delta_psf(tmp_path)
+    base = ["deconvolve", path, tmp_path / "o.tif", "--method", "rl", "--psf", psf,
+            "--iterations", 3]
+    r = _run(*base)  # CliRunner's stderr is not a terminal: no bar, nothing on stderr
+    assert r.exit_code == 0 and r.stderr == "", r.stderr
+    r = _run(*base, "--progress")
+    assert r.exit_code == 0 and "rl:" in r.stderr and "/3 " in r.stderr, r.stderr
+    r = _run(*base, "--progress", "-q")  # quiet wins: no bar, no summary line
+    assert r.exit_code == 0 and r.stderr == "" and r.stdout == "", r.output
+
+
+def test_missing_voxel_sizes_are_warned_with_what_is_assumed(tmp_path, stack):
+    _, x = stack
+    bare = tmp_path / "bare.tif"
+    tifffile.imwrite(bare, x)  # no ImageJ/OME metadata: no voxel size
+    r = _run("deconvolve", bare, tmp_path / "o.tif", "--method", "rl", "--psf",
+             _delta_psf(tmp_path, voxel=None), "--iterations", 1, "-q")
+    assert r.exit_code == 0, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 2, r.stderr  # warnings stay with -q
+    assert "bare.tif has no voxel size" in lines[0] and "--voxel-size DZ DY DX" in lines[0]
+    assert "bare_psf.tif has no voxel size" in lines[1] and "assuming" in lines[1]
+    # Given on the command line: the image is fine, the PSF is assumed at that voxel size.
+    r = _run("deconvolve", bare, tmp_path / "o2.tif", "--method", "rl", "--psf",
+             _delta_psf(tmp_path, voxel=None), "--iterations", 1, "-q",
+             "--voxel-size", *VOXEL)
+    [line] = r.stderr.strip().splitlines()
+    assert "bare_psf.tif has no voxel size" in line and "(0.3, 0.13, 0.13) µm" in line
+    assert io.read(tmp_path / "o2.tif")[1]["voxel_size"] == pytest.approx(VOXEL)
+
+
+def test_rln_without_voxel_size_warns(tmp_path, stack, model_path):
+    _, x = stack
+    bare = tmp_path / "bare.tif"
+    tifffile.imwrite(bare, x)
+    r = _run("rln", bare, tmp_path / "o.tif", "--model", model_path)
+    assert r.exit_code == 0, r.output
+    [line] = r.stderr.strip().splitlines()
+    assert line.startswith("rln-fast rln: warning: ") and "the output gets none" in line
+
+
+@pytest.mark.parametrize("tile", [None, (12, 20, 18)])
+def test_normalize_official_matches_the_api(tmp_path, stack, model_path, tile):
+    from rln_fast import rln_deconvolve
+
+    path, x = stack
+    out = tmp_path / "o.tif"
+    extra = ["--tile", *tile] if tile else []
+    r = _run("deconvolve", path, out, "--model", model_path, "--normalize", "official", *extra)
+    assert r.exit_code == 0, r.output
+    want = rln_deconvolve(x, model_path, normalize="official", device="cpu", progress=False)
+    got = io.read(out)[0]
+    # official: the output stays in the network's units (not mapped back to the input's).
+    assert abs(float(got.mean()) - float(x.mean())) > 0.5 * float(x.mean())
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(np.abs(want).max()))
+
+
+def test_normalize_none_is_one_spelling(stack, model_path):
+    from rln_fast import rln_deconvolve
+
+    _, x = stack
+    a = rln_deconvolve(x[:16, :16, :16], model_path, normalize="none", progress=False)
+    b = rln_deconvolve(x[:16, :16, :16], model_path, normalize=None, progress=False)
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.fixture
+def restore_threads():
+    before = torch.get_num_threads()
+    env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                                          "OPENBLAS_NUM_THREADS")}
+    yield before
+    torch.set_num_threads(before)
+    for k, v in env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def test_threads_sets_torch_and_our_openmp(tmp_path, stack, restore_threads):
+    import ctypes
+
+    path, _ = stack
+    gomp = ctypes.CDLL("libgomp.so.1")  # already loaded by torch: the runtime our kernels use
+    r = _run("deconvolve", path, tmp_path / "o.tif", "--method", "rl", "--psf",
+             _delta_psf(tmp_path), "--iterations", 1, "--method", "rl", "--threads", 1,
+             "--edges", "periodic")
+    assert r.exit_code == 0, r.output
+    assert torch.get_num_threads() == 1
+    assert gomp.omp_get_max_threads() == 1
+    assert os.environ["OMP_NUM_THREADS"] == "1"
+    assert _run("deconvolve", path, tmp_path / "o2.tif", "--threads", 0).exit_code == 2
