@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -43,3 +46,79 @@ def test_demo_errors_are_one_line(tmp_path, monkeypatch):
     result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path)])
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == ["rln-fast demo: RLN.from_pretrained: no shipped model 'default'"]
+
+
+# --------------------------------------------------------------------------- --help stays light
+
+_NO_TORCH = """
+import runpy, sys
+sys.argv = ["rln-fast", *sys.argv[1:]]
+try:
+    runpy.run_module("rln_fast.cli", run_name="__main__")
+except SystemExit as e:
+    assert e.code in (0, None), e.code
+heavy = sorted(m for m in ("torch", "numpy", "scipy", "tifffile", "tqdm") if m in sys.modules)
+print("HEAVY", heavy)
+"""
+
+
+@pytest.mark.parametrize("args", [["--help"], ["deconvolve", "--help"], ["rln", "--help"],
+                                  ["psf", "--help"], ["synth", "--help"]])
+def test_help_does_not_import_torch(args):
+    r = subprocess.run([sys.executable, "-c", _NO_TORCH, *args], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "Usage: rln-fast" in r.stdout
+    assert r.stdout.strip().splitlines()[-1] == "HEAVY []"
+
+
+def test_lazy_train_command_is_listed_and_built_on_use():
+    from rln_fast.cli import _LazyGroup
+
+    listing = CliRunner().invoke(main, ["--help"]).output
+    row = next(ln for ln in listing.splitlines() if ln.strip().startswith("train "))
+    built = main.get_command(click.Context(main), "train")
+    assert isinstance(built, click.Command) and "--steps" in CliRunner().invoke(
+        main, ["train", "--help"]).output
+    # The summary shown before the command is built is the built command's own.
+    assert row.split(None, 1)[1].rstrip(".") in built.get_short_help_str(200)
+    assert isinstance(main, _LazyGroup) and "train" in main.list_commands(click.Context(main))
+
+
+def test_import_rln_fast_is_lazy_but_complete():
+    code = ("import sys, rln_fast as rf; assert 'torch' not in sys.modules; "
+            "names = [getattr(rf, n) for n in rf.__all__]; "
+            "from rln_fast import RLN, richardson_lucy, deconvolve_file; print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+    import rln_fast
+
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        rln_fast.nope  # noqa: B018
+
+
+@pytest.mark.parametrize(("progress", "quiet", "tty", "shown"), [
+    (None, False, True, True), (None, False, False, False), (True, False, False, True),
+    (False, False, True, False), (True, True, True, False), (None, True, True, False)])
+def test_progress_rule(monkeypatch, progress, quiet, tty, shown):
+    from rln_fast import cli
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: tty, raising=False)
+    assert cli._show_progress(progress, quiet) is shown
+
+
+def test_every_computing_command_has_threads_quiet_and_progress():
+    ctx = click.Context(main)
+    for name in ("deconvolve", "rln", "synth", "train", "bench", "demo", "psf"):
+        opts = {o for p in main.get_command(ctx, name).params for o in p.opts + p.secondary_opts}
+        assert {"--threads", "-q", "--quiet"} <= opts, name
+        if name != "psf":  # psf has no long step
+            assert {"--progress", "--no-progress"} <= opts, name
+
+
+def test_quiet_psf_prints_nothing(tmp_path):
+    r = CliRunner().invoke(main, ["psf", "gaussian", str(tmp_path / "p.tif"), "--shape", "5", "5",
+                                  "5", "--voxel-size", "0.3", "0.1", "0.1", "--sigma", "0.3",
+                                  "0.1", "0.1", "-q"])
+    assert r.exit_code == 0 and r.output == ""
+    assert (tmp_path / "p.tif").exists()
