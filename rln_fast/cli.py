@@ -196,17 +196,17 @@ def info() -> None:
 
 
 @main.command()
-@click.option("--out", "out_dir", default="rln_fast_demo", show_default=True,
+@click.option("--out-dir", default="rln_fast_demo", show_default=True,
               help="Folder for demo.png and demo.json.")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
-@click.option("--iterations", default=30, show_default=True, help="Richardson-Lucy iterations.")
+@click.option("--num-iter", default=30, show_default=True, help="Richardson-Lucy iterations.")
 @_talk_options()
 @clean_errors("demo")
-def demo(out_dir: str, device: str | None, iterations: int, progress: bool) -> None:
+def demo(out_dir: str, device: str | None, num_iter: int, progress: bool) -> None:
     """Deconvolve a synthetic widefield volume with RL and the shipped RLN; write a comparison."""
     from .demo import run_demo
 
-    m = run_demo(out_dir, device=device, rl_iterations=iterations, progress=progress)
+    m = run_demo(out_dir, device=device, num_iter=num_iter, progress=progress)
     for name, value in m["psnr_db"].items():
         _echo(f"  PSNR {name:>6}: {value:6.2f} dB")
     for name, value in m["seconds"].items():
@@ -345,21 +345,21 @@ def _check_device(device: str | None) -> str | None:
 # --------------------------------------------------------------------------- PSF options
 
 PSF_MODELS = ("born-wolf", "gibson-lanni", "gaussian", "confocal")
-_GL_OPTIONS = ("ns", "ng", "ni0", "ng0", "ti0", "tg", "tg0", "depth")
-_OPTICS = ("voxel_size", "na", "wavelength", "excitation_wavelength", "pinhole", "ni",
+_GL_OPTIONS = ("ns", "ng", "ni0", "ng0", "ti0", "tg", "tg0", "particle_z")
+_OPTICS = ("voxel_size", "na", "wavelength", "ex_wavelength", "pinhole", "ni",
            *_GL_OPTIONS, "sigma", "fwhm", "oversample")
 _MODEL_OPTIONS = {
     "gaussian": {"voxel_size", "sigma", "fwhm"},
     "born-wolf": {"voxel_size", "na", "wavelength", "ni", "oversample"},
     "gibson-lanni": {"voxel_size", "na", "wavelength", "ni", "oversample", *_GL_OPTIONS},
-    "confocal": {"voxel_size", "na", "wavelength", "excitation_wavelength", "pinhole", "ni",
+    "confocal": {"voxel_size", "na", "wavelength", "ex_wavelength", "pinhole", "ni",
                  "oversample", *_GL_OPTIONS},
 }
 _MODEL_REQUIRED = {
     "gaussian": ("voxel_size",),
     "born-wolf": ("voxel_size", "na", "wavelength"),
     "gibson-lanni": ("voxel_size", "na", "wavelength"),
-    "confocal": ("voxel_size", "na", "wavelength", "excitation_wavelength"),
+    "confocal": ("voxel_size", "na", "wavelength", "ex_wavelength"),
 }
 
 
@@ -374,9 +374,10 @@ def _optics_options(fn: Callable) -> Callable:
         click.option("--voxel-size", nargs=3, type=float, default=None, metavar="DZ DY DX",
                      help="PSF voxel size in µm (z, y, x)."),
         click.option("--na", type=float, default=None, help="Numerical aperture (< --ni)."),
-        click.option("--wavelength", "--emission-wavelength", "wavelength", type=float,
-                     default=None, help="Emission wavelength in µm (e.g. 0.52)."),
-        click.option("--excitation-wavelength", type=float, default=None,
+        click.option("--wavelength", "--em-wavelength", "wavelength", type=float,
+                     default=None, help="Emission wavelength in µm (e.g. 0.52); --em-wavelength "
+                                        "as confocal() spells it."),
+        click.option("--ex-wavelength", type=float, default=None,
                      help="confocal: excitation wavelength in µm."),
         click.option("--pinhole", type=float, default=None,
                      help="confocal: pinhole diameter in µm in sample space [0: a point]."),
@@ -391,7 +392,7 @@ def _optics_options(fn: Callable) -> Callable:
         click.option("--tg", type=float, default=None, help=gl + "coverslip thickness, µm [170]."),
         click.option("--tg0", type=float, default=None,
                      help=gl + "design coverslip thickness, µm [tg]."),
-        click.option("--depth", type=float, default=None,
+        click.option("--particle-z", type=float, default=None,
                      help=gl + "depth of the source below the coverslip in µm [0]."),
         click.option("--sigma", nargs=3, type=float, default=None, metavar="SZ SY SX",
                      help="gaussian: standard deviation in µm (z, y, x)."),
@@ -435,14 +436,11 @@ def _make_psf(model: str, shape: tuple[int, ...], optics: dict[str, Any]) -> Any
                 "the gaussian PSF model needs one of --sigma SZ SY SX or --fwhm FZ FY FX (µm)"
             )
         return psf_models.gaussian(shape_t, vs, **kw)
-    if "depth" in kw:
-        kw["particle_z"] = kw.pop("depth")
     if name == "born-wolf":
         return psf_models.born_wolf(shape_t, vs, **kw)
     if name == "gibson-lanni":
         return psf_models.gibson_lanni(shape_t, vs, **kw)
     kw["em_wavelength"] = kw.pop("wavelength")
-    kw["ex_wavelength"] = kw.pop("excitation_wavelength")
     kw["model"] = "gibson_lanni" if set(given) & set(_GL_OPTIONS) else "born_wolf"
     return psf_models.confocal(shape_t, vs, **kw)
 
@@ -498,7 +496,7 @@ def psf_cmd(model: str, output: Path, shape: tuple[int, int, int], **optics: Any
     """Generate a PSF: MODEL is born-wolf, gibson-lanni, gaussian or confocal.
 
     OUTPUT is a float32 .tif/.tiff (ImageJ, with the voxel size in µm) or .npy. The confocal
-    model uses Born-Wolf optics, or Gibson-Lanni when any of --ns, --ng, --depth, ... is given.
+    model uses Born-Wolf optics, or Gibson-Lanni when any of --ns, --ng, --particle-z, ... is given.
 
     \b
     Example:
@@ -567,13 +565,10 @@ def synth_cmd(out_dir: Path, n: int, shape: tuple[int, int, int], seed: int,
 # --------------------------------------------------------------------------- train
 
 # TrainConfig field -> the train command's option, to word config errors in the user's terms.
-_TRAIN_FLAGS = {
-    "data_dir": "--data", "n_volumes": "--volumes", "phantom_shape": "--phantom-shape",
-    "data_seed": "--data-seed", "n_val": "--val", "val_every": "--validate-every",
-    "batch_size": "--batch", "crop": "--crop", "steps": "--steps", "lr": "--lr",
-    "checkpoint_every": "--checkpoint-every", "seed": "--seed", "device": "--device",
-    "augment": "--augment", "gradients": "--gradients", "bn": "--bn",
-}
+# Every option is the field's name (one spelling in the command and the API).
+_TRAIN_FLAGS = {f: "--" + f.replace("_", "-") for f in (
+    "data_dir", "n_volumes", "phantom_shape", "data_seed", "n_val", "val_every", "batch_size",
+    "crop", "steps", "lr", "checkpoint_every", "seed", "device", "augment", "gradients", "bn")}
 
 
 def _in_flags(message: str) -> str:
@@ -581,7 +576,7 @@ def _in_flags(message: str) -> str:
 
     message = re.sub(r"TrainConfig\.(\w+)",
                      lambda m: _TRAIN_FLAGS.get(m.group(1), m.group(0)), message)
-    message = re.sub(r"\bn_val=", "--val ", message)
+    message = re.sub(r"\bn_val=", "--n-val ", message)
     message = message.replace("resume=False", "--no-resume")
     return message.replace("another out_dir", "another OUT_DIR")
 
@@ -625,7 +620,7 @@ def train_cmd(out_dir: Path, data_dir: Path | None, synthetic: bool, n_volumes: 
               psf_model: str | None, psf_shape: Any, **optics: Any) -> None:
     """Train an RLN into OUT_DIR (checkpoint.pt, model.pt, loss.csv, val.csv, loss.png).
 
-    Data: --data DIR with gt/ and input/ pairs, or --synthetic phantoms simulated with the
+    Data: --data-dir DIR with gt/ and input/ pairs, or --synthetic phantoms simulated with the
     PSF from --psf / --psf-model (default: a Gaussian). Interrupt at any time and rerun the
     same command to resume from the last checkpoint.
     """
@@ -633,15 +628,15 @@ def train_cmd(out_dir: Path, data_dir: Path | None, synthetic: bool, n_volumes: 
     from .train import CHECKPOINT_NAME, LOSS_CSV, LOSS_PNG, MODEL_NAME, VAL_CSV, TrainConfig, train
 
     if data_dir is not None and synthetic:
-        raise CommandError("give --data DIR or --synthetic, not both")
+        raise CommandError("give --data-dir DIR or --synthetic, not both")
     psf_arr = None
     if data_dir is not None:
         if psf_file is not None or psf_model is not None or _given(optics):
             raise CommandError("--psf and the PSF options apply to --synthetic data only; "
-                               "the pairs in --data are already simulated or measured")
+                               "the pairs in --data-dir are already simulated or measured")
         if not data_dir.is_dir():
             state = "is not a folder" if data_dir.exists() else "does not exist"
-            raise CommandError(f"--data {data_dir} {state}; give a folder with gt/ and input/ "
+            raise CommandError(f"--data-dir {data_dir} {state}; give a folder with gt/ and input/ "
                                "pairs (rln-fast synth writes one)")
         what = f"pairs in {data_dir}"
     else:
@@ -695,21 +690,21 @@ def _train_command() -> click.Command:
     rln_fast.train imports torch (see _LazyGroup)."""
     options = [
         click.argument("out_dir", type=click.Path(path_type=Path)),
-        click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None,
+        click.option("--data-dir", type=click.Path(path_type=Path), default=None,
                      help="Folder with gt/ and input/ TIFF pairs of the same names (rln-fast synth)."),
         click.option("--synthetic", is_flag=True,
-                     help="Generate phantom pairs on the fly (the default without --data)."),
-        click.option("--volumes", "n_volumes", type=int, default=_train_default("n_volumes"),
+                     help="Generate phantom pairs on the fly (the default without --data-dir)."),
+        click.option("--n-volumes", type=int, default=_train_default("n_volumes"),
                      show_default=True, help="Synthetic training volumes."),
         click.option("--phantom-shape", nargs=3, type=int, default=_train_default("phantom_shape"),
                      show_default=True, metavar="D H W", help="Synthetic volume size (z, y, x)."),
         click.option("--data-seed", type=int, default=_train_default("data_seed"), show_default=True,
                      help="Synthetic volume i uses seed data-seed + i."),
-        click.option("--val", "n_val", type=int, default=_train_default("n_val"), show_default=True,
-                     help="Held-out validation pairs (with --data: the last ones by name)."),
+        click.option("--n-val", type=int, default=_train_default("n_val"), show_default=True,
+                     help="Held-out validation pairs (with --data-dir: the last ones by name)."),
         click.option("--steps", type=int, default=_train_default("steps"), show_default=True,
                      help="Total optimiser steps (a resumed run continues up to this)."),
-        click.option("--batch", "batch_size", type=int, default=_train_default("batch_size"),
+        click.option("--batch-size", type=int, default=_train_default("batch_size"),
                      show_default=True, help="Crops per step, all from one volume."),
         click.option("--crop", nargs=3, type=int, default=_train_default("crop"), show_default=True,
                      metavar="D H W", help="Crop size in voxels (z, y, x)."),
@@ -717,7 +712,7 @@ def _train_command() -> click.Command:
                      help="Initial learning rate (held, then decayed)."),
         click.option("--checkpoint-every", type=int, default=_train_default("checkpoint_every"),
                      show_default=True, help="Steps between checkpoints (and loss-curve plots)."),
-        click.option("--validate-every", "val_every", type=int, default=_train_default("val_every"),
+        click.option("--val-every", type=int, default=_train_default("val_every"),
                      show_default=True, help="Steps between validations."),
         click.option("--augment/--no-augment", default=_train_default("augment"), show_default=True,
                      help="Random flips and xy rotations of the crops."),
@@ -822,7 +817,7 @@ def _deconvolve(name: str, input_path: Path, output: Path, method: str, **kw: An
         input_path, output, method=method, rl_options=rl_options,
         normalize=None if normalize == "none" else normalize, device=_check_device(kw.pop("device")),
         voxel_size=kw.pop("voxel_size") or None, tile=kw.pop("tile") or None,
-        scheduler=kw.pop("scheduler"), n_workers=kw.pop("workers"), resume=kw.pop("resume"),
+        scheduler=kw.pop("scheduler"), n_workers=kw.pop("n_workers"), resume=kw.pop("resume"),
         num_iter=kw.pop("iterations"),
         model=kw.pop("model"), official_checkpoint=kw.pop("official_checkpoint"), **kw)
     resumed = summary["resumed_blocks"]
@@ -904,7 +899,7 @@ def _deconvolve_options(fn: Callable) -> Callable:
         click.option("--device", default=None, help="cpu or cuda (default: cuda when available)."),
         click.option("--scheduler", default=None, metavar="ADDRESS",
                      help="Run on Dask: 'local' (a LocalCluster here) or a scheduler address."),
-        click.option("--workers", type=click.IntRange(min=1), default=None,
+        click.option("--n-workers", type=click.IntRange(min=1), default=None,
                      help="Workers of the local Dask cluster."),
         click.option("--ngff", type=click.Choice(["0.5", "0.4"]), default="0.5",
                      show_default=True, help="OME-Zarr version of a .zarr output."),

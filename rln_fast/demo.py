@@ -50,7 +50,7 @@ def _montage(path: Path, panels: list[tuple[str, np.ndarray]]) -> None:
 
 
 def run_demo(out_dir: str | Path = "rln_fast_demo", *, device: str | None = None,
-             rl_iterations: int = 30, progress: bool = True,
+             num_iter: int = 30, progress: bool = True,
              shape: tuple[int, int, int] = SHAPE) -> dict:
     """Deconvolves a seeded synthetic phantom with RL and the shipped RLN; writes a PNG and JSON.
 
@@ -61,15 +61,15 @@ def run_demo(out_dir: str | Path = "rln_fast_demo", *, device: str | None = None
     psf = psf_models.born_wolf(PSF_SHAPE, VOXEL_SIZE, **PSF_ARGS)
     gt, raw = synth.phantom_pair(psf, shape, seed=SEED)
     t0 = time.perf_counter()
-    rl = richardson_lucy(raw, psf, rl_iterations, device=device, progress=progress)
+    rl = richardson_lucy(raw, psf, num_iter, device=device, progress=progress)
     t1 = time.perf_counter()
     rln = rln_deconvolve(raw, device=device, progress=progress)
     t2 = time.perf_counter()
     metrics = {
         "shape": list(shape), "voxel_size_um": list(VOXEL_SIZE), "psf": {"model": "born_wolf", **PSF_ARGS},
-        "psnr_db": {"input": psnr(raw, gt), f"rl_{rl_iterations}": psnr(rl, gt), "rln": psnr(rln, gt)},
-        "seconds": {f"rl_{rl_iterations}": t1 - t0, "rln": t2 - t1},
+        "psnr_db": {"input": psnr(raw, gt), f"rl_{num_iter}": psnr(rl, gt), "rln": psnr(rln, gt)},
+        "seconds": {f"rl_{num_iter}": t1 - t0, "rln": t2 - t1},
     }
-    _montage(out / "demo.png", [("input", raw), (f"RL x{rl_iterations}", rl), ("RLN", rln), ("truth", gt)])
+    _montage(out / "demo.png", [("input", raw), (f"RL x{num_iter}", rl), ("RLN", rln), ("truth", gt)])
     (out / "demo.json").write_text(json.dumps(metrics, indent=2))
     return metrics

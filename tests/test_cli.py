@@ -28,7 +28,7 @@ def test_demo_runs_on_a_small_volume(tmp_path):
         pytest.fail("the default model rln_fast/weights/default.pt is not shipped")
     from rln_fast.demo import run_demo
 
-    m = run_demo(tmp_path, rl_iterations=10, progress=False, shape=(36, 72, 72))  # the PSF is 33x65x65
+    m = run_demo(tmp_path, num_iter=10, progress=False, shape=(36, 72, 72))  # the PSF is 33x65x65
     assert (tmp_path / "demo.png").stat().st_size > 0
     assert json.loads((tmp_path / "demo.json").read_text())["psnr_db"] == m["psnr_db"]
     # Both methods sharpen: better than the blurred input against the truth.
@@ -43,7 +43,7 @@ def test_demo_errors_are_one_line(tmp_path, monkeypatch):
         raise FileNotFoundError("RLN.from_pretrained: no shipped model 'default'")
 
     monkeypatch.setattr(demo, "run_demo", boom)
-    result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path)])
+    result = CliRunner().invoke(main, ["demo", "--out-dir", str(tmp_path)])
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == ["rln-fast demo: RLN.from_pretrained: no shipped model 'default'"]
 
@@ -122,3 +122,45 @@ def test_quiet_psf_prints_nothing(tmp_path):
                                   "0.1", "0.1", "-q"])
     assert r.exit_code == 0 and r.output == ""
     assert (tmp_path / "p.tif").exists()
+
+
+# --------------------------------------------------------------------------- one spelling
+
+# Options that exist only on the command line (what the command does around the API call).
+_CLI_ONLY = {"threads", "quiet", "progress", "skip_existing", "psf_model", "psf_shape", "synthetic",
+             "quick", "json_path"}
+# Issue 13: the rl helper's option line; the API keyword is num_iter.
+_PENDING = {"deconvolve": {"iterations"}, "rln": {"iterations"}}
+
+
+def test_every_option_is_spelled_as_its_api_keyword():
+    """Each option's flags, minus the dashes, include the keyword of the function it feeds."""
+    import dataclasses
+    import inspect
+
+    from rln_fast import bench, deconvolve_file, demo, psf, richardson_lucy, synth, train
+
+    def kw(*fns):
+        return set().union(*(inspect.signature(f).parameters for f in fns))
+
+    optics = kw(psf.born_wolf, psf.gibson_lanni, psf.gaussian, psf.confocal)
+    api = {
+        "deconvolve": kw(deconvolve_file, richardson_lucy),
+        "rln": kw(deconvolve_file, richardson_lucy),  # the same options as deconvolve
+        "psf": optics,
+        "synth": kw(synth.write_pairs) | optics,
+        "train": {f.name for f in dataclasses.fields(train.TrainConfig)} | kw(train.train) | optics,
+        "bench": kw(bench.run_bench),
+        "demo": kw(demo.run_demo),
+    }
+    ctx = click.Context(main)
+    wrong = []
+    for name, keywords in api.items():
+        for p in main.get_command(ctx, name).params:
+            if not isinstance(p, click.Option) or p.name in _CLI_ONLY | _PENDING.get(name, set()):
+                continue
+            spellings = {o.lstrip("-").replace("-", "_") for o in p.opts + p.secondary_opts}
+            spellings |= {s.removeprefix("no_") for s in spellings}
+            if not spellings & keywords:
+                wrong.append(f"{name} {'/'.join(p.opts)}")
+    assert wrong == []

@@ -87,8 +87,8 @@ def test_psf_npy_gaussian_even_shape_notes_the_centre(tmp_path):
 
 def test_psf_confocal_switches_to_gibson_lanni_optics(tmp_path):
     out = tmp_path / "c.tif"
-    result = run("psf", "confocal", out, *TINY, *OPTICS, "--excitation-wavelength", "0.488",
-                 "--ni", "1.515", "--ns", "1.33", "--depth", "4", "--pinhole", "0.3")
+    result = run("psf", "confocal", out, *TINY, *OPTICS, "--ex-wavelength", "0.488",
+                 "--ni", "1.515", "--ns", "1.33", "--particle-z", "4", "--pinhole", "0.3")
     assert result.exit_code == 0, result.output
     expected = psf_models.confocal((5, 9, 9), (0.2, 0.1, 0.1), na=1.2, em_wavelength=0.52,
                                    ex_wavelength=0.488, ni=1.515, pinhole=0.3,
@@ -108,7 +108,7 @@ def test_psf_confocal_switches_to_gibson_lanni_optics(tmp_path):
     (["gaussian", "p.tif", *TINY, *OPTICS, "--sigma", "1", "1", "1"],
      ["--na, --wavelength do not apply to the gaussian"]),
     (["gaussian", "p.tif", *TINY, "--voxel-size", "1", "1", "1"], ["--sigma", "--fwhm"]),
-    (["confocal", "p.tif", *TINY, *OPTICS], ["needs --excitation-wavelength"]),
+    (["confocal", "p.tif", *TINY, *OPTICS], ["needs --ex-wavelength"]),
     (["born-wolf", "p.tif", *TINY, "--voxel-size", "0.2", "0.1", "0.1"],
      ["needs --na, --wavelength"]),
     (["born-wolf", "p.png", *TINY, *OPTICS], ["p.png", ".tif, .tiff or .npy"]),
@@ -227,8 +227,8 @@ def test_synth_unwritable_output_folder(tmp_path):
 
 # --------------------------------------------------------------------------- train
 
-TRAIN_FAST = ["--batch", "2", "--crop", "8", "8", "8", "--checkpoint-every", "1",
-              "--validate-every", "2", "--val", "1", "--no-progress"]
+TRAIN_FAST = ["--batch-size", "2", "--crop", "8", "8", "8", "--checkpoint-every", "1",
+              "--val-every", "2", "--n-val", "1", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
@@ -245,7 +245,7 @@ def losses(out: Path) -> list[dict[str, str]]:
 
 def test_train_then_resume_matches_an_unbroken_run(tmp_path, pairs):
     out = tmp_path / "run"
-    result = run("train", out, "--data", pairs, "--steps", "3", *TRAIN_FAST)
+    result = run("train", out, "--data-dir", pairs, "--steps", "3", *TRAIN_FAST)
     assert result.exit_code == 0, result.output
     for name in ("model.pt", "checkpoint.pt", "loss.csv", "val.csv"):
         assert (out / name).is_file()
@@ -254,7 +254,7 @@ def test_train_then_resume_matches_an_unbroken_run(tmp_path, pairs):
     assert [r["step"] for r in first] == ["1", "2", "3"]
     assert RLN.load(out / "model.pt").metadata["steps"] == 3
 
-    result = run("train", out, "--data", pairs, "--steps", "5", *TRAIN_FAST)
+    result = run("train", out, "--data-dir", pairs, "--steps", "5", *TRAIN_FAST)
     assert result.exit_code == 0, result.output
     assert f"resuming from {out / 'checkpoint.pt'} at step 3" in result.stdout
     resumed = losses(out)
@@ -262,18 +262,18 @@ def test_train_then_resume_matches_an_unbroken_run(tmp_path, pairs):
     assert resumed[:3] == first
 
     straight = tmp_path / "straight"
-    result = run("train", straight, "--data", pairs, "--steps", "5", *TRAIN_FAST)
+    result = run("train", straight, "--data-dir", pairs, "--steps", "5", *TRAIN_FAST)
     assert result.exit_code == 0, result.output
     assert losses(straight) == resumed  # bit for bit on the CPU
 
     # A changed recipe does not silently continue the old run.
-    result = run("train", out, "--data", pairs, "--steps", "6", "--lr", "0.01", *TRAIN_FAST)
+    result = run("train", out, "--data-dir", pairs, "--steps", "6", "--lr", "0.01", *TRAIN_FAST)
     assert_one_line_error(result, "train", "lr: 0.025 -> 0.01", "--no-resume")
 
 
 def test_train_synthetic_with_a_generated_psf(tmp_path):
     out = tmp_path / "run"
-    result = run("train", out, "--synthetic", "--volumes", "2", "--phantom-shape", *PHANTOM,
+    result = run("train", out, "--synthetic", "--n-volumes", "2", "--phantom-shape", *PHANTOM,
                  "--steps", "2", "--psf-model", "gaussian", "--psf-shape", "7", "7", "7",
                  "--voxel-size", "1", "1", "1", "--sigma", "1.5", "1", "1", *TRAIN_FAST)
     assert result.exit_code == 0, result.output
@@ -288,17 +288,17 @@ def test_train_bad_input_leaves_no_output_folder(tmp_path, pairs):
     def run(*args):  # the failure line alone, without a progress bar before it
         return CliRunner().invoke(main, [*map(str, args), "--no-progress"])
 
-    result = run("train", out, "--data", tmp_path / "nowhere", "--steps", "1")
+    result = run("train", out, "--data-dir", tmp_path / "nowhere", "--steps", "1")
     assert_one_line_error(result, "train", "nowhere does not exist", "gt/ and input/")
     # Found only once training starts: the folder it made is removed again.
-    result = run("train", out, "--data", pairs, "--steps", "1", "--val", "3")
-    assert_one_line_error(result, "train", "3 pairs", "lower --val")
-    result = run("train", out, "--data", pairs, "--steps", "1", "--val", "1",
+    result = run("train", out, "--data-dir", pairs, "--steps", "1", "--n-val", "3")
+    assert_one_line_error(result, "train", "3 pairs", "lower --n-val")
+    result = run("train", out, "--data-dir", pairs, "--steps", "1", "--n-val", "1",
                  "--crop", "32", "32", "32")
     assert_one_line_error(result, "train", "smaller than the crop", "lower --crop")
-    result = run("train", out, "--data", pairs, "--batch", "0")
-    assert_one_line_error(result, "train", "--batch must be an integer >= 1")
-    result = run("train", out, "--data", pairs, "--psf", tmp_path / "psf.tif")
+    result = run("train", out, "--data-dir", pairs, "--batch-size", "0")
+    assert_one_line_error(result, "train", "--batch-size must be an integer >= 1")
+    result = run("train", out, "--data-dir", pairs, "--psf", tmp_path / "psf.tif")
     assert_one_line_error(result, "train", "--synthetic data only")
     result = run("train", out, "--synthetic", "--psf", tmp_path / "psf.tif")
     assert_one_line_error(result, "train", "psf.tif: file not found")
