@@ -128,7 +128,8 @@ def rln_deconvolve(
       the budget is what is free (80% of free GPU memory, half the available RAM on the CPU),
       so a volume that fits runs whole and a larger one is tiled instead of running out of
       memory.
-    progress: a tqdm bar over the tiles when there is more than one.
+    progress: tqdm bars over the tiles when there is more than one, and over the slabs of
+      the percentiles pass of a tiled volume above 2**24 voxels.
     """
     if normalize not in _NORMALIZE:
         raise ValueError(
@@ -220,7 +221,7 @@ def _rln_tiled(x: torch.Tensor, fused: FusedRLN, core: tuple[int, ...], normaliz
     mi = ma = 0.0
     if normalize is not None:
         mi, ma = (_percentiles(x.to(torch.float32)) if x.numel() <= _QUANTILE_MAX
-                  else tiling.exact_percentiles(_HostView(x)))
+                  else tiling.exact_percentiles(_HostView(x), progress=progress))
 
     def block(xb: torch.Tensor) -> torch.Tensor:
         xb = xb.to(device=device, dtype=torch.float32)
