@@ -205,8 +205,8 @@ def deconvolve_file(
     official_checkpoint = a TF checkpoint prefix) or "rl" (psf: a file or an array;
     num_iter; rl_options: richardson_lucy's keywords such as acceleration, edges, tv,
     background). normalize (RLN): "global", "official" or None/"none" as in rln_deconvolve,
-    the percentiles always over the whole volume. tile (D, H, W) or memory_budget ("4GB"; default: what is free on the device)
-    sets the block size; the output is float32, written as one block per tile (a Zarr shard
+    the percentiles always over the whole volume. tile (D, H, W) or memory_budget ("4GB";
+    default: what is free on the device) sets the block size; the output is float32, written as one block per tile (a Zarr shard
     each), voxel size from the input unless ``voxel_size`` is given. scheduler: None (this
     process), "local" (a Dask LocalCluster, or dask-cuda's LocalCUDACluster with one worker
     per GPU when installed) or a scheduler address. resume: keep the finished blocks of an
