@@ -831,6 +831,12 @@ def _say_voxel_sizes(name: str, input_path: Path, psf: Path | None, voxel_size: 
     when the PSF is resampled to the image's voxel size."""
     from . import io
 
+    psf_vox = None
+    if psf is not None:
+        try:
+            psf_vox = io.read(psf)[1].get("voxel_size")
+        except Exception:  # noqa: BLE001 - deconvolve_file reports an unreadable PSF itself
+            return
     if voxel_size:
         image_vox = tuple(voxel_size)
     else:
@@ -840,19 +846,19 @@ def _say_voxel_sizes(name: str, input_path: Path, psf: Path | None, voxel_size: 
         except Exception:  # noqa: BLE001 - deconvolve_file reports an unreadable input itself
             return
         if image_vox is None:
-            _warn(name, f"{input_path} has no voxel size in its metadata; "
-                  + ("the output gets none" if psf is None else
-                     "assuming the PSF is sampled at the image's (unknown) voxel size, "
-                     "without resampling, and the output gets none")
-                  + "; give --voxel-size DZ DY DX (µm) to set it")
+            if psf is None:
+                assumed = ""
+            elif psf_vox is None:
+                assumed = "assuming the image and the PSF share one voxel size (the PSF is used " \
+                          "as sampled); "
+            else:
+                assumed = f"assuming the PSF's, {_um(psf_vox)} (the PSF is used as sampled); "
+            _warn(name, f"{input_path} has no voxel size in its metadata; {assumed}the output "
+                  "gets none; give --voxel-size DZ DY DX (µm) to set it")
     if psf is None:
         return
-    try:
-        psf_vox = io.read(psf)[1].get("voxel_size")
-    except Exception:  # noqa: BLE001 - deconvolve_file reports an unreadable PSF itself
-        return
     if psf_vox is None:
-        at = "" if image_vox is None else f" ({_um(image_vox)})"
+        at = "" if image_vox is None else f", {_um(image_vox)}"
         _warn(name, f"the PSF {psf} has no voxel size in its metadata; assuming it is sampled "
               f"at the image's voxel size{at}, without resampling")
     elif image_vox is not None and any(abs(a - b) > 1e-3 * abs(b)

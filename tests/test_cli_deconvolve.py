@@ -280,6 +280,12 @@ def test_missing_voxel_sizes_are_warned_with_what_is_assumed(tmp_path, stack):
     assert len(lines) == 2, r.stderr  # warnings stay with -q
     assert "bare.tif has no voxel size" in lines[0] and "--voxel-size DZ DY DX" in lines[0]
     assert "bare_psf.tif has no voxel size" in lines[1] and "assuming" in lines[1]
+    assert "share one voxel size" in lines[0]
+    # The PSF knows its voxel size: the image is assumed to have it.
+    r = _run("deconvolve", bare, tmp_path / "o1.tif", "--method", "rl", "--psf",
+             _delta_psf(tmp_path), "--iterations", 1)
+    [line] = r.stderr.strip().splitlines()
+    assert "bare.tif has no voxel size" in line and "assuming the PSF's, (0.3, 0.13, 0.13) µm" in line
     # Given on the command line: the image is fine, the PSF is assumed at that voxel size.
     r = _run("deconvolve", bare, tmp_path / "o2.tif", "--method", "rl", "--psf",
              _delta_psf(tmp_path, voxel=None), "--iterations", 1, "-q",
