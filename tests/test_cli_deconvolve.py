@@ -357,3 +357,16 @@ def test_threads_sets_torch_and_our_openmp(tmp_path, stack, restore_threads):
     assert gomp.omp_get_max_threads() == 1
     assert os.environ["OMP_NUM_THREADS"] == "1"
     assert _run("deconvolve", path, tmp_path / "o2.tif", "--threads", 0).exit_code == 2
+
+
+def test_a_psf_at_another_voxel_size_is_said_to_be_resampled(tmp_path, stack):
+    from rln_fast import psf as psf_models
+
+    path, _ = stack
+    fine = (VOXEL[0] / 2, VOXEL[1] / 2, VOXEL[2] / 2)
+    psf = tmp_path / "fine_psf.tif"
+    io.write(psf, psf_models.gaussian((9, 9, 9), fine, (0.3, 0.13, 0.13)), voxel_size=fine)
+    r = _run("deconvolve", path, tmp_path / "o.tif", "--method", "rl", "--psf", psf,
+             "--iterations", 1)
+    assert r.exit_code == 0 and r.stderr == "", r.output
+    assert "resampling the PSF" in r.stdout and "(0.15, 0.065, 0.065) µm" in r.stdout
