@@ -12,7 +12,6 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("distributed", "io", "nn", "ops", "psf", "synth", "tiling")
 # public name -> the submodule that defines it
 _NAMES = {
     "backend_info": "_backend",
@@ -28,12 +27,20 @@ __all__ = ["RLN", "FusedRLN", "backend_info", "deconvolve_file", "distributed", 
 
 
 def __getattr__(name: str) -> Any:
-    if name in _SUBMODULES:
-        return importlib.import_module(f"{__name__}.{name}")
     if name in _NAMES:
         value = getattr(importlib.import_module(f"{__name__}.{_NAMES[name]}"), name)
         globals()[name] = value  # later look-ups skip this function
         return value
+    if not name.startswith("__"):
+        # Any submodule, as after the eager imports this package used to do (rln_fast.rl, ...).
+        try:
+            module = importlib.import_module(f"{__name__}.{name}")
+            if name == "models":  # rln_fast.models.rln.RLN, as the eager imports allowed
+                importlib.import_module(f"{__name__}.models.rln")
+            return module
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -88,7 +88,9 @@ def test_lazy_train_command_is_listed_and_built_on_use():
 def test_import_rln_fast_is_lazy_but_complete():
     code = ("import sys, rln_fast as rf; assert 'torch' not in sys.modules; "
             "names = [getattr(rf, n) for n in rf.__all__]; "
-            "from rln_fast import RLN, richardson_lucy, deconvolve_file; print('ok')")
+            "from rln_fast import RLN, richardson_lucy, deconvolve_file; "
+            "assert rf.rl.richardson_lucy is richardson_lucy and rf.models.rln.RLN is RLN; "
+            "print('ok')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
     import rln_fast
