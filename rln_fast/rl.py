@@ -106,8 +106,11 @@ def _check_args(num_iter, method, acceleration, tv, background, edges, callback,
         raise ValueError(f"rtol must be None or a number > 0, got {rtol!r}")
 
 
-def _prepare_psf(psf: Any, image_shape: tuple[int, ...], method: str) -> np.ndarray:
-    """The PSF as float64 numpy, checked, sum 1; even sides padded to odd for the direct path."""
+def _prepare_psf(psf: Any, image_shape: tuple[int, ...], method: str, edges: str) -> np.ndarray:
+    """The PSF as float64 numpy, checked, sum 1; even sides padded to odd for the direct path.
+
+    Any size: Bertero and reflect jobs grow with the PSF (image + PSF - 1 per axis); a periodic
+    job is the image itself, so a PSF larger than the image is cropped to it (with a warning)."""
     t, _ = _as_tensor(psf, "psf")
     _check_real(t, "psf")
     k = t.detach().cpu().to(torch.float64).numpy()
@@ -127,14 +130,9 @@ def _prepare_psf(psf: Any, image_shape: tuple[int, ...], method: str) -> np.ndar
         warnings.warn(f"psf has negative values (min {k.min():g}); they are set to 0 "
                       "(rln_fast.psf.prepare subtracts the background properly)", stacklevel=3)
         k = np.maximum(k, 0.0)
-        total = float(k.sum())
-    larger = [f"{a} ({p} > {i})" for a, p, i in zip("zyx", k.shape, image_shape, strict=True) if p > i]
-    if larger:
-        raise ValueError(
-            f"psf {k.shape} is larger than the image {tuple(image_shape)} along {', '.join(larger)}; "
-            "crop it to the image, e.g. rln_fast.psf.prepare(psf, image_shape=image.shape, "
-            "threshold=1e-3) keeps its support only, or pad the image")
-    k = k / total
+    if edges == "periodic":
+        k = _crop_to_image(k, image_shape)
+    k = k / float(k.sum())
     centre = np.array([n // 2 for n in k.shape], dtype=float)
     grids = np.meshgrid(*[np.arange(n) for n in k.shape], indexing="ij")
     com = np.array([(g * k).sum() for g in grids])
@@ -151,6 +149,24 @@ def _prepare_psf(psf: Any, image_shape: tuple[int, ...], method: str) -> np.ndar
                              f"{_DIRECT_MAX} voxels (even sides count one more), got "
                              f"{tuple(t.shape)}; use method='fft'")
     return k
+
+
+def _crop_to_image(k: np.ndarray, image_shape: tuple[int, ...]) -> np.ndarray:
+    """The periodic job: a PSF side longer than the image's is cropped to the image's, about
+    the centre voxel (which stays at shape // 2); a warning says how much light is dropped."""
+    if all(p <= i for p, i in zip(k.shape, image_shape, strict=True)):
+        return k
+    sl = tuple(slice(p // 2 - min(p, i) // 2, p // 2 - min(p, i) // 2 + min(p, i))
+               for p, i in zip(k.shape, image_shape, strict=True))
+    cropped = k[sl]
+    kept = float(cropped.sum() / k.sum())
+    if not kept > 0:
+        raise ValueError(f"psf {k.shape} cropped to the image {tuple(image_shape)} for "
+                         "edges='periodic' holds no light; use edges='bertero'")
+    warnings.warn(f"psf {k.shape} is larger than the image {tuple(image_shape)}: with "
+                  f"edges='periodic' it is cropped to {cropped.shape} ({kept:.1%} of its light "
+                  "kept); edges='bertero' (the default) uses all of it", stacklevel=4)
+    return cropped
 
 
 def _auto_background(img: torch.Tensor) -> float:
@@ -585,7 +601,10 @@ def richardson_lucy(
     Args:
         image: numpy array, torch tensor (any device) or cupy array (z, y, x), any real dtype.
             The result has the same type and device (cupy through DLPack, without a copy).
-        psf: 3-D (z, y, x), any size up to the image's; normalised to sum 1 here. Its centre is
+        psf: 3-D (z, y, x), any size, also larger than the image (deconwolf's 79-plane PSFs of
+            40-plane stacks): "bertero" and "reflect" jobs grow to image + PSF - 1 per axis;
+            "periodic" crops a longer side to the image's about the centre voxel, with a
+            warning giving the light kept. Normalised to sum 1 here. Its centre is
             voxel ``shape // 2`` on every axis (for an even side, the voxel just past the
             middle, numpy's fftshift convention and where ``rln_fast.psf`` puts the peak); an
             off-centre PSF gets a warning, ``rln_fast.psf.prepare`` centres it.
@@ -642,7 +661,7 @@ def richardson_lucy(
         raise ValueError(f"image must not be empty, got shape {tuple(src.shape)}")
     out_device = src.device
     dev = torch.device(device) if device is not None else src.device
-    k = _prepare_psf(psf, tuple(src.shape), method)
+    k = _prepare_psf(psf, tuple(src.shape), method, edges)
 
     with torch.no_grad():
         img = src.to(device=dev, dtype=torch.float32).contiguous()
@@ -720,7 +739,7 @@ def _tiled(image: Any, psf: Any, tile: Any, memory_budget: Any, device: Any, pro
     if src.dim() != 3:
         raise ValueError(f"image must be 3-D (z, y, x), got {src.dim()}-D of shape {tuple(src.shape)}")
     dev = torch.device(device) if device is not None else src.device
-    k = _prepare_psf(psf, tuple(src.shape), kw["method"])
+    k = _prepare_psf(psf, tuple(src.shape), kw["method"], kw["edges"])
     halo = tiling.rl_halo(k.shape)
     shape = tuple(src.shape)
     extra = tuple(p - 1 for p in k.shape) if kw["edges"] == "bertero" else (0, 0, 0)

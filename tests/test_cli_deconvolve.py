@@ -111,8 +111,6 @@ def test_bad_inputs(tmp_path, stack, model_path):
     nan = _imagej(tmp_path / "nan.tif", bad)
     cases.append((["deconvolve", nan, out, "--model", model_path], "NaN or Inf"))
     cases.append((["deconvolve", nan, out, "--method", "rl", "--psf", path], "NaN or Inf"))
-    big = _imagej(tmp_path / "big_psf.tif", np.ones((30, 5, 5), np.float32))
-    cases.append((["deconvolve", path, out, "--method", "rl", "--psf", big], "larger than the image"))
     zero = _imagej(tmp_path / "zero_psf.tif", np.zeros((5, 5, 5), np.float32))
     cases.append((["deconvolve", path, out, "--method", "rl", "--psf", zero], "positive sum"))
     for args, message in cases:
