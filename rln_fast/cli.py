@@ -666,8 +666,6 @@ def bench_cmd(device: str | None, size: Any, quick: bool, rounds: int | None,
 
 # --------------------------------------------------------------------------- deconvolve
 
-_ACCELERATIONS = {"biggs": "biggs", "none": None}
-
 
 def _deconvolve(input_path: Path, output: Path, method: str, **kw: Any) -> None:
     from .distributed import deconvolve_file
@@ -683,7 +681,7 @@ def _deconvolve(input_path: Path, output: Path, method: str, **kw: Any) -> None:
         raise CommandError("--method rl needs --psf PSF.tif (make one with `rln-fast psf`)")
     if method == "rln" and kw["psf"] is not None:
         raise CommandError("--psf is for --method rl; RLN learned its PSF in training")
-    rl_options = {"acceleration": _ACCELERATIONS[kw.pop("acceleration")], "edges": kw.pop("edges"),
+    rl_options = {"acceleration": kw.pop("acceleration"), "edges": kw.pop("edges"),
                   "tv": kw.pop("tv"), "background": kw.pop("background")}
     bg = rl_options["background"]
     if bg != "auto":
@@ -718,14 +716,15 @@ def _deconvolve_options(fn: Callable) -> Callable:
                           "differs from the image's)."),
         click.option("--iterations", type=click.IntRange(min=0), default=20, show_default=True,
                      help="Richardson-Lucy iterations."),
-        click.option("--acceleration", type=click.Choice(["biggs", "none"]), default="biggs",
-                     show_default=True),
+        click.option("--acceleration", type=click.Choice(["shb", "biggs", "none"]), default="shb",
+                     show_default=True,
+                     help="RL acceleration: scaled heavy ball, Biggs-Andrews or none (plain RL)."),
         click.option("--edges", type=click.Choice(["bertero", "periodic", "reflect"]),
                      default="bertero", show_default=True),
         click.option("--tv", type=float, default=0.0, show_default=True,
                      help="RL-TV weight (0: none)."),
-        click.option("--background", default="0", show_default=True,
-                     help="RL background: a number or 'auto'."),
+        click.option("--background", default="auto", show_default=True,
+                     help="RL background: a number, or 'auto' (the image's 1st percentile)."),
         click.option("--normalize", type=click.Choice(["global", "none"]), default="global",
                      show_default=True, help="RLN input normalisation (percentiles of the volume)."),
         click.option("--voxel-size", nargs=3, type=float, default=None, metavar="DZ DY DX",
