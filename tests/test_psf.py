@@ -180,8 +180,8 @@ def test_oversample_converges():
 # Born–Wolf as deconwolf's dw_bw computes it: paraxial, integrated over the voxel
 # ---------------------------------------------------------------------------
 
-DAPI = dict(na=1.45, wavelength=0.461, ni=1.512)  # deconwolf's DAPI demo optics
-DAPI_VOXEL = (0.3, 0.13, 0.13)
+OPTICS = dict(na=1.45, wavelength=0.461, ni=1.512)  # deconwolf's DAPI demo optics
+DAPI_VOXEL = DAPI["voxel_size"]
 
 
 def test_paraxial_axial_fwhm_matches_its_formula():
@@ -198,12 +198,12 @@ def test_paraxial_axial_fwhm_matches_its_formula():
 
 def test_integrate_is_the_mean_over_each_voxels_area():
     # The integrated PSF equals a 7x finer point-sampled one averaged over 7x7 blocks.
-    fine = psf.born_wolf((3, 21 * 7, 21 * 7), (0.3, 0.13 / 7, 0.13 / 7), oversample=3, **DAPI)
+    fine = psf.born_wolf((3, 21 * 7, 21 * 7), (0.3, 0.13 / 7, 0.13 / 7), oversample=3, **OPTICS)
     block = fine.astype(float).reshape(3, 21, 7, 21, 7).mean(axis=(2, 4))
     block /= block.sum()
-    a = psf.born_wolf((3, 21, 21), DAPI_VOXEL, integrate=True, **DAPI).astype(float)
+    a = psf.born_wolf((3, 21, 21), DAPI_VOXEL, integrate=True, **OPTICS).astype(float)
     assert np.linalg.norm(a - block) / np.linalg.norm(block) < 5e-3
-    point = psf.born_wolf((3, 21, 21), DAPI_VOXEL, **DAPI).astype(float)
+    point = psf.born_wolf((3, 21, 21), DAPI_VOXEL, **OPTICS).astype(float)
     assert np.linalg.norm(point - block) / np.linalg.norm(block) > 0.05  # it matters here
 
 
@@ -211,7 +211,7 @@ def test_dapi_widths_match_deconwolfs_psf():
     # deconwolf 0.4.7's `dw_bw --resxy 130 --resz 300 --lambda 461 --NA 1.45 --ni 1.512
     # --nslice 79` (181x181 planes) has FWHMs of 1.951 planes (585 nm) along z and 1.299
     # pixels along y and x (measured from its output here).
-    a = psf.born_wolf((79, 41, 41), DAPI_VOXEL, paraxial=True, integrate=True, **DAPI)
+    a = psf.born_wolf((79, 41, 41), DAPI_VOXEL, paraxial=True, integrate=True, **OPTICS)
     fz, fy, fx = psf._fwhm_voxels(a, centre(a))
     assert fz == pytest.approx(1.951, rel=0.01)
     assert fy == pytest.approx(1.299, rel=0.01) and fx == pytest.approx(1.299, rel=0.01)
@@ -241,10 +241,10 @@ def test_reproduces_deconwolfs_dw_bw(tmp_path):
                    check=True, capture_output=True, timeout=300)
     theirs = tifffile.imread(out).astype(float)
     theirs /= theirs.sum()
-    ours = psf.born_wolf(theirs.shape, DAPI_VOXEL, paraxial=True, integrate=True, **DAPI)
+    ours = psf.born_wolf(theirs.shape, DAPI_VOXEL, paraxial=True, integrate=True, **OPTICS)
     rel = np.linalg.norm(ours - theirs) / np.linalg.norm(theirs)
     assert rel < 0.01, rel  # measured: 7e-4 for the 79x181x181 demo PSF
-    default = psf.born_wolf(theirs.shape, DAPI_VOXEL, **DAPI)
+    default = psf.born_wolf(theirs.shape, DAPI_VOXEL, **OPTICS)
     assert np.linalg.norm(default - theirs) / np.linalg.norm(theirs) > 0.2
 
 
