@@ -161,7 +161,8 @@ def make_job(volume: Any, *, method: str = "rln", model: Any = None,
     # Any PSF size: richardson_lucy grows Bertero and reflect jobs to block + PSF - 1 per axis
     # (periodic edges crop the PSF to the block, with a warning).
     rl = dict(num_iter=int(num_iter), **(rl_options or {}))
-    if rl.get("background") == "auto":  # the 1st percentile, as richardson_lucy's "auto"
+    rl.setdefault("background", "auto")  # richardson_lucy's default, taken over the whole volume
+    if rl["background"] == "auto":  # the 1st percentile, as richardson_lucy's "auto"
         rl["background"] = tiling.exact_percentiles(volume, (1.0,), progress=progress)[0]
     elif np.dtype(volume.dtype).kind == "f":
         _check_finite(volume)  # before any block is written (exact_percentiles checks too)
