@@ -133,7 +133,7 @@ def run(threads: int = 2, iterations: int = 20, rounds: int = 1, workdir: Path |
     from rln_fast.rl import _fast_len
 
     k_shape = tifffile.imread(psf_path).shape
-    our_job = [_fast_len(i + p, even=(ax == 2)) for ax, (i, p) in enumerate(zip(img.shape, k_shape))]
+    our_job = [_fast_len(i + p, even=(ax == 2)) for ax, (i, p) in enumerate(zip(img.shape, k_shape, strict=True))]
     return {
         "benchmark": "bench_deconwolf",
         "under_load": True,
