@@ -201,7 +201,8 @@ def _bench_rl_shape(shape, psf, reps, richardson_lucy) -> dict:
     del k
 
     def ours(n):
-        return richardson_lucy(img, psf, n, edges="periodic", acceleration=None, progress=False)
+        return richardson_lucy(img, psf, n, edges="periodic", acceleration=None, background=0,
+                               progress=False)
 
     with torch.inference_mode():
         err = rel_err(ours(3), _plain_torch_rl(img, otf, 3))

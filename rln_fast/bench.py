@@ -227,7 +227,7 @@ def run_bench(
         def ours() -> torch.Tensor:
             clear_otf_cache()  # both sides pay for their OTF on every call
             return richardson_lucy(img, psf_np, rl_iterations, edges="periodic",
-                                   acceleration=None, progress=False)
+                                   acceleration=None, background=0, progress=False)
 
         def baseline() -> torch.Tensor:
             return plain_rl_periodic(img, psf_t, rl_iterations)

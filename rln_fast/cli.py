@@ -786,8 +786,6 @@ def bench_cmd(device: str | None, size: Any, quick: bool, rounds: int | None,
 
 # --------------------------------------------------------------------------- deconvolve
 
-_ACCELERATIONS = {"biggs": "biggs", "none": None}
-
 
 def _deconvolve(name: str, input_path: Path, output: Path, method: str, **kw: Any) -> None:
     from .distributed import deconvolve_file
@@ -803,7 +801,7 @@ def _deconvolve(name: str, input_path: Path, output: Path, method: str, **kw: An
         raise CommandError("--method rl needs --psf PSF.tif (make one with `rln-fast psf`)")
     if method == "rln" and kw["psf"] is not None:
         raise CommandError("--psf is for --method rl; RLN learned its PSF in training")
-    rl_options = {"acceleration": _ACCELERATIONS[kw.pop("acceleration")], "edges": kw.pop("edges"),
+    rl_options = {"acceleration": kw.pop("acceleration"), "edges": kw.pop("edges"),
                   "tv": kw.pop("tv"), "background": kw.pop("background")}
     bg = rl_options["background"]
     if bg != "auto":
@@ -818,7 +816,7 @@ def _deconvolve(name: str, input_path: Path, output: Path, method: str, **kw: An
         normalize=None if normalize == "none" else normalize, device=_check_device(kw.pop("device")),
         voxel_size=kw.pop("voxel_size") or None, tile=kw.pop("tile") or None,
         scheduler=kw.pop("scheduler"), n_workers=kw.pop("n_workers"), resume=kw.pop("resume"),
-        num_iter=kw.pop("iterations"),
+        num_iter=kw.pop("num_iter"),
         model=kw.pop("model"), official_checkpoint=kw.pop("official_checkpoint"), **kw)
     resumed = summary["resumed_blocks"]
     _echo(f"wrote {output}: {summary['blocks']} block(s) of {summary['block']}"
@@ -881,16 +879,17 @@ def _deconvolve_options(fn: Callable) -> Callable:
         click.option("--psf", type=click.Path(path_type=Path), default=None,
                      help="PSF file for --method rl (TIFF/Zarr; resampled when its voxel size "
                           "differs from the image's)."),
-        click.option("--iterations", type=click.IntRange(min=0), default=20, show_default=True,
+        click.option("--num-iter", type=click.IntRange(min=0), default=20, show_default=True,
                      help="Richardson-Lucy iterations."),
-        click.option("--acceleration", type=click.Choice(["biggs", "none"]), default="biggs",
-                     show_default=True),
+        click.option("--acceleration", type=click.Choice(["shb", "biggs", "none"]), default="shb",
+                     show_default=True,
+                     help="RL acceleration: scaled heavy ball, Biggs-Andrews or none (plain RL)."),
         click.option("--edges", type=click.Choice(["bertero", "periodic", "reflect"]),
                      default="bertero", show_default=True),
         click.option("--tv", type=float, default=0.0, show_default=True,
                      help="RL-TV weight (0: none)."),
-        click.option("--background", default="0", show_default=True,
-                     help="RL background: a number or 'auto'."),
+        click.option("--background", default="auto", show_default=True,
+                     help="RL background: a number, or 'auto' (the image's 1st percentile)."),
         click.option("--normalize", type=click.Choice(["global", "official", "none"]),
                      default="global", show_default=True,
                      help="RLN input normalisation by the volume's 0.01 and 99.5 percentiles; "

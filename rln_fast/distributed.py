@@ -161,11 +161,11 @@ def make_job(volume: Any, *, method: str = "rln", model: Any = None,
         return BlockJob("rln", (tiling.RLN_HALO,) * 3, True, fused=fused, normalize=normalize,
                         rescale=rescale, stats=stats, device=dev)
     k = _load_psf(psf, voxel_size)
-    if any(p > s for p, s in zip(k.shape, volume.shape, strict=True)):
-        raise ValueError(f"the PSF {k.shape} is larger than the image {tuple(volume.shape)} on "
-                         "some axis; crop it (rln_fast.psf.prepare) or use a larger image")
+    # Any PSF size: richardson_lucy grows Bertero and reflect jobs to block + PSF - 1 per axis
+    # (periodic edges crop the PSF to the block, with a warning).
     rl = dict(num_iter=int(num_iter), **(rl_options or {}))
-    if rl.get("background") == "auto":  # the 1st percentile, as richardson_lucy's "auto"
+    rl.setdefault("background", "auto")  # richardson_lucy's default, taken over the whole volume
+    if rl["background"] == "auto":  # the 1st percentile, as richardson_lucy's "auto"
         rl["background"] = tiling.exact_percentiles(volume, (1.0,), progress=progress)[0]
     elif np.dtype(volume.dtype).kind == "f":
         _check_finite(volume)  # before any block is written (exact_percentiles checks too)

@@ -19,13 +19,14 @@ __all__ = ["richardson_lucy", "clear_otf_cache"]
 
 _METHODS = ("fft", "direct")
 _EDGES = ("bertero", "periodic", "reflect")
-_ACCELERATIONS = ("biggs", None)
+_ACCELERATIONS = ("shb", "biggs", "none", None)
 # Bertero weights: work voxels whose PSF footprint catches <= 1 % of its light inside the image are
 # not estimated (weight 0); the few-percent voxels at the far corner of the extension would
 # otherwise get weights ~ 100 and amplify noise. deconwolf uses the same cut.
 _BERTERO_THRESHOLD = 1e-2
 _DIRECT_MAX = 7  # largest PSF side of the direct path (after even sides are padded to odd)
 _AUTO_PERCENTILE = 1.0  # background="auto": this percentile of the image
+_TINY = 1e-30  # smallest previous estimate the prediction divides by
 _QUANTILE_MAX = 1 << 24  # torch.quantile's input limit; larger images are subsampled
 _CENTRE_TOLERANCE = 1.0  # voxels between the PSF's centre of mass and shape // 2 before we warn
 # Small OTF cache: repeated calls with one PSF and shape skip an FFT, without holding much memory.
@@ -88,7 +89,7 @@ def _check_args(num_iter, method, acceleration, tv, background, edges, callback,
     if method not in _METHODS:
         raise ValueError(f"method must be 'fft' or 'direct', got {method!r}")
     if acceleration not in _ACCELERATIONS:
-        raise ValueError(f"acceleration must be 'biggs' or None, got {acceleration!r}")
+        raise ValueError(f"acceleration must be 'shb', 'biggs' or 'none' (or None), got {acceleration!r}")
     if not (isinstance(tv, numbers.Real) and math.isfinite(tv) and tv >= 0):
         raise ValueError(f"tv must be a finite number >= 0 (e.g. 0.002), got {tv!r}")
     if not (background == "auto" or (isinstance(background, numbers.Real)
@@ -106,8 +107,11 @@ def _check_args(num_iter, method, acceleration, tv, background, edges, callback,
         raise ValueError(f"rtol must be None or a number > 0, got {rtol!r}")
 
 
-def _prepare_psf(psf: Any, image_shape: tuple[int, ...], method: str) -> np.ndarray:
-    """The PSF as float64 numpy, checked, sum 1; even sides padded to odd for the direct path."""
+def _prepare_psf(psf: Any, image_shape: tuple[int, ...], method: str, edges: str) -> np.ndarray:
+    """The PSF as float64 numpy, checked, sum 1; even sides padded to odd for the direct path.
+
+    Any size: Bertero and reflect jobs grow with the PSF (image + PSF - 1 per axis); a periodic
+    job is the image itself, so a PSF larger than the image is cropped to it (with a warning)."""
     t, _ = _as_tensor(psf, "psf")
     _check_real(t, "psf")
     k = t.detach().cpu().to(torch.float64).numpy()
@@ -127,14 +131,9 @@ def _prepare_psf(psf: Any, image_shape: tuple[int, ...], method: str) -> np.ndar
         warnings.warn(f"psf has negative values (min {k.min():g}); they are set to 0 "
                       "(rln_fast.psf.prepare subtracts the background properly)", stacklevel=3)
         k = np.maximum(k, 0.0)
-        total = float(k.sum())
-    larger = [f"{a} ({p} > {i})" for a, p, i in zip("zyx", k.shape, image_shape, strict=True) if p > i]
-    if larger:
-        raise ValueError(
-            f"psf {k.shape} is larger than the image {tuple(image_shape)} along {', '.join(larger)}; "
-            "crop it to the image, e.g. rln_fast.psf.prepare(psf, image_shape=image.shape, "
-            "threshold=1e-3) keeps its support only, or pad the image")
-    k = k / total
+    if edges == "periodic":
+        k = _crop_to_image(k, image_shape)
+    k = k / float(k.sum())
     centre = np.array([n // 2 for n in k.shape], dtype=float)
     grids = np.meshgrid(*[np.arange(n) for n in k.shape], indexing="ij")
     com = np.array([(g * k).sum() for g in grids])
@@ -151,6 +150,24 @@ def _prepare_psf(psf: Any, image_shape: tuple[int, ...], method: str) -> np.ndar
                              f"{_DIRECT_MAX} voxels (even sides count one more), got "
                              f"{tuple(t.shape)}; use method='fft'")
     return k
+
+
+def _crop_to_image(k: np.ndarray, image_shape: tuple[int, ...]) -> np.ndarray:
+    """The periodic job: a PSF side longer than the image's is cropped to the image's, about
+    the centre voxel (which stays at shape // 2); a warning says how much light is dropped."""
+    if all(p <= i for p, i in zip(k.shape, image_shape, strict=True)):
+        return k
+    sl = tuple(slice(p // 2 - min(p, i) // 2, p // 2 - min(p, i) // 2 + min(p, i))
+               for p, i in zip(k.shape, image_shape, strict=True))
+    cropped = k[sl]
+    kept = float(cropped.sum() / k.sum())
+    if not kept > 0:
+        raise ValueError(f"psf {k.shape} cropped to the image {tuple(image_shape)} for "
+                         "edges='periodic' holds no light; use edges='bertero'")
+    warnings.warn(f"psf {k.shape} is larger than the image {tuple(image_shape)}: with "
+                  f"edges='periodic' it is cropped to {cropped.shape} ({kept:.1%} of its light "
+                  "kept); edges='bertero' (the default) uses all of it", stacklevel=4)
+    return cropped
 
 
 def _auto_background(img: torch.Tensor) -> float:
@@ -569,9 +586,9 @@ def richardson_lucy(
     num_iter: int = 20,
     *,
     method: str = "fft",
-    acceleration: str | None = "biggs",
+    acceleration: str | None = "shb",
     tv: float = 0.0,
-    background: float | str = 0.0,
+    background: float | str = "auto",
     edges: str = "bertero",
     device: torch.device | str | None = None,
     callback: Callable[[int, torch.Tensor], Any] | None = None,
@@ -585,19 +602,35 @@ def richardson_lucy(
     Args:
         image: numpy array, torch tensor (any device) or cupy array (z, y, x), any real dtype.
             The result has the same type and device (cupy through DLPack, without a copy).
-        psf: 3-D (z, y, x), any size up to the image's; normalised to sum 1 here. Its centre is
+        psf: 3-D (z, y, x), any size, also larger than the image (deconwolf's 79-plane PSFs of
+            40-plane stacks): "bertero" and "reflect" jobs grow to image + PSF - 1 per axis;
+            "periodic" crops a longer side to the image's about the centre voxel, with a
+            warning giving the light kept. Normalised to sum 1 here. Its centre is
             voxel ``shape // 2`` on every axis (for an even side, the voxel just past the
             middle, numpy's fftshift convention and where ``rln_fast.psf`` puts the peak); an
             off-centre PSF gets a warning, ``rln_fast.psf.prepare`` centres it.
         num_iter: iterations (0 returns the image as float32).
         method: "fft" (rfftn; any PSF size) or "direct" (small PSFs up to 7x7x7: fused direct
             convolutions, zero padding; no FFT, no OTF).
-        acceleration: "biggs" (Biggs & Andrews 1997 vector extrapolation: prediction
-            y = x_k + a (x_k - x_{k-1}), clipped at 0, with a = <g_k-1, g_k-2> / <g_k-2, g_k-2>
-            clipped to [0, 1], g the RL changes) or None (plain RL).
+        acceleration: how each RL step is taken from an extrapolated prediction
+            y = x_k + a (x_k - x_{k-1}):
+
+            - "shb" (default; scaled heavy ball, Wang & Miller 2014, as deconwolf's default):
+              a = (k - 1) / (k + 2) at the k-th extrapolation (0, 1/4, 2/5, ...).
+            - "biggs" (Biggs & Andrews 1997): a = <g_k-1, g_k-2> / <g_k-2, g_k-2> clipped to
+              [0, 1], g the RL changes.
+            - "none" or None: plain RL.
+
+            Either way a voxel the last step shrank (x_k < x_{k-1}) is never predicted below
+            x_k (1 - a + a x_k / x_{k-1}): a straight-line extrapolation of a voxel that RL
+            shrinks by more than half per step would reach 0, where multiplicative RL can never
+            bring it back (the dark halos of clipping at 0). On deconwolf's DAPI stack "shb"
+            at 10 iterations is within 5 % relative L2 of plain RL at 20, with no zeros.
         tv: RL-TV regularisation weight (Dey et al. 2006; typical 0.001-0.01), 0 for none.
-        background: constant b in the model image = psf * object + b, or "auto" (the image's
-            1st percentile). Output is the object, b not added back.
+        background: constant b in the model image = psf * object + b, or "auto" (default:
+            the image's 1st percentile, computed exactly over all voxels; robust to a few
+            dark or hot pixels, unlike the minimum deconwolf takes). Output is the object, b
+            not added back. Give 0 for data whose background is already subtracted.
         edges: "bertero" (default; deconwolf-style: the object is estimated on image + PSF - 1
             per axis with Bertero–Boccacci weights 1/(H^T 1) on the observed image, so objects
             beyond the border are modelled and nothing rings there), "periodic" (plain
@@ -612,10 +645,11 @@ def richardson_lucy(
         rtol: stop once ||x_k+1 - x_k|| / ||x_k+1|| < rtol (None: run num_iter iterations).
         tile: None (the whole image at once), an int or (D, H, W): run tile by tile with
             these core sides, each tile reading a halo of two PSF extents per axis and solved
-            on its own (same edges mode). Plain RL (acceleration=None) then differs from the
-            untiled result by ~1e-5 of the maximum at most, at the seams. With "biggs" each
-            tile extrapolates with its own step sizes, so tiles differ from the untiled run
-            by ~1% (RMS) everywhere, each still a proper accelerated RL result.
+            on its own (same edges mode). Plain RL and "shb" (whose steps depend on the
+            iteration only, the same in every tile) then differ from the untiled result by
+            ~1e-5 (plain) to ~1e-4 ("shb") of the maximum at most, at the seams. With "biggs" each tile extrapolates
+            with its own step sizes, so tiles differ from the untiled run by ~1% (RMS)
+            everywhere, each still a proper accelerated RL result.
             background="auto" is taken over the whole image.
         memory_budget: bytes or a string such as "4GB" for one tile's working memory on
             ``device``; the largest tile that fits is used (tile and memory_budget exclude
@@ -625,7 +659,8 @@ def richardson_lucy(
         float32 deconvolved image (z, y, x), not clipped or rescaled.
 
     Memory (FFT path, V = work-volume voxels): the estimate and the OTF (~V complex/2), with
-    Biggs also the step and the change; transiently one spectrum and one real volume per FFT.
+    acceleration also the step and one scratch volume (Biggs: and the change); transiently
+    one spectrum and one real volume per FFT.
     Bertero weights are computed per voxel from the PSF's summed-volume table, never stored;
     the image is used in place when it is float32 on the compute device.
     """
@@ -642,7 +677,7 @@ def richardson_lucy(
         raise ValueError(f"image must not be empty, got shape {tuple(src.shape)}")
     out_device = src.device
     dev = torch.device(device) if device is not None else src.device
-    k = _prepare_psf(psf, tuple(src.shape), method)
+    k = _prepare_psf(psf, tuple(src.shape), method, edges)
 
     with torch.no_grad():
         img = src.to(device=dev, dtype=torch.float32).contiguous()
@@ -663,28 +698,41 @@ def richardson_lucy(
         return _to_kind(x, kind, out_device)
 
 
+def _predict(x: torch.Tensor, step: torch.Tensor, a: float, scratch: torch.Tensor) -> torch.Tensor:
+    """The accelerated prediction max(x + a step, x (1 - a + a min(x / x_prev, 1))), formed in
+    step's buffer; x_prev = x - step. The floor keeps a shrinking voxel from being extrapolated
+    to 0 (where multiplicative RL would keep it): at a = 1 it is the geometric step x² / x_prev."""
+    torch.sub(x, step, out=scratch).clamp_min_(_TINY)
+    torch.div(x, scratch, out=scratch).clamp_max_(1.0).mul_(a).add_(1.0 - a).mul_(x)
+    y = torch.add(x, step, alpha=a, out=step)
+    return torch.maximum(y, scratch, out=y)
+
+
 def _solve(job: _Job, level: float, m: tuple[int, ...], num_iter: int, acceleration, callback,
            progress: bool, rtol) -> torch.Tensor:
     x = job.initial(level)
+    accelerated = acceleration not in (None, "none")
     biggs = acceleration == "biggs"
-    step = change = None
+    step = change = scratch = None
     alpha, prev_self = 0.0, 0.0
     bar = _progress_bar(num_iter, progress)
     try:
         for i in range(1, num_iter + 1):
-            if biggs:
-                # Prediction y = max(x + alpha * step, 0), formed in the step's buffer.
+            if accelerated:
                 if step is None:
                     y = x.clone()
-                    change = torch.zeros_like(x)
+                    change = torch.zeros_like(x) if biggs else None
+                    scratch = torch.empty_like(x)
                 else:
-                    y = torch.add(x, step, alpha=alpha, out=step).clamp_min_(0.0)
+                    a = alpha if biggs else (i - 2) / (i + 1)  # shb: (k - 1) / (k + 2), k = i - 1
+                    y = _predict(x, step, a, scratch)
                 new, dots = job.update_(y, x, change)
                 # x now holds new - x_k: the next step.
                 step, x = x, new
-                cross, self_ = dots.tolist()
-                alpha = min(max(cross / prev_self, 0.0), 1.0) if prev_self > 0 else 0.0
-                prev_self = self_
+                if biggs:
+                    cross, self_ = dots.tolist()
+                    alpha = min(max(cross / prev_self, 0.0), 1.0) if prev_self > 0 else 0.0
+                    prev_self = self_
                 job.recycle(y)
                 del y
                 delta = step
@@ -720,7 +768,7 @@ def _tiled(image: Any, psf: Any, tile: Any, memory_budget: Any, device: Any, pro
     if src.dim() != 3:
         raise ValueError(f"image must be 3-D (z, y, x), got {src.dim()}-D of shape {tuple(src.shape)}")
     dev = torch.device(device) if device is not None else src.device
-    k = _prepare_psf(psf, tuple(src.shape), kw["method"])
+    k = _prepare_psf(psf, tuple(src.shape), kw["method"], kw["edges"])
     halo = tiling.rl_halo(k.shape)
     shape = tuple(src.shape)
     extra = tuple(p - 1 for p in k.shape) if kw["edges"] == "bertero" else (0, 0, 0)

@@ -72,7 +72,8 @@ def main() -> None:
             if i in RL_ITERATIONS:
                 rl_scores[i] = scores(estimate.cpu().numpy(), gt)
 
-        rl.richardson_lucy(raw, psf, max(RL_ITERATIONS), acceleration=None, edges="periodic", progress=False,
+        rl.richardson_lucy(raw, psf, max(RL_ITERATIONS), acceleration=None, edges="periodic", background=0,
+                           progress=False,
                            callback=score_at)
         best_psnr = max(rl_scores.items(), key=lambda kv: kv[1]["psnr"])
         best_ssim = max(rl_scores.items(), key=lambda kv: kv[1]["ssim"])

@@ -81,8 +81,8 @@ def test_rl_to_tiff_with_a_budget(tmp_path, stack):
     psf = tmp_path / "psf.tif"
     io.write(psf, np.pad(np.ones((1, 1, 1), np.float32), 2), voxel_size=VOXEL)
     out = tmp_path / "out.tif"
-    r = _run("deconvolve", path, out, "--method", "rl", "--psf", psf, "--iterations", 3,
-             "--memory-budget", "50MB", "--no-progress")
+    r = _run("deconvolve", path, out, "--method", "rl", "--psf", psf, "--num-iter", 3,
+             "--background", "0", "--memory-budget", "50MB", "--no-progress")
     assert r.exit_code == 0, r.output
     y, _ = io.read(out)
     # A delta PSF: RL returns the image.
@@ -112,8 +112,6 @@ def test_bad_inputs(tmp_path, stack, model_path):
     nan = _imagej(tmp_path / "nan.tif", bad)
     cases.append((["deconvolve", nan, out, "--model", model_path], "NaN or Inf"))
     cases.append((["deconvolve", nan, out, "--method", "rl", "--psf", path], "NaN or Inf"))
-    big = _imagej(tmp_path / "big_psf.tif", np.ones((30, 5, 5), np.float32))
-    cases.append((["deconvolve", path, out, "--method", "rl", "--psf", big], "larger than the image"))
     zero = _imagej(tmp_path / "zero_psf.tif", np.zeros((5, 5, 5), np.float32))
     cases.append((["deconvolve", path, out, "--method", "rl", "--psf", zero], "positive sum"))
     for args, message in cases:
@@ -240,7 +238,7 @@ def test_rl_progress_counts_every_iteration_of_every_block(tmp_path, stack, bars
     path, _ = stack
     extra = ["--tile", *tile] if tile else []
     r = _run("deconvolve", path, tmp_path / "o.tif", "--method", "rl", "--psf",
-             _delta_psf(tmp_path), "--iterations", 4, "--progress", *extra)
+             _delta_psf(tmp_path), "--num-iter", 4, "--progress", *extra)
     assert r.exit_code == 0, r.output
     blocks = 1 if tile is None else 2
     [bar] = [b for b in bars if b.desc == "rl"]
@@ -260,7 +258,7 @@ def test_progress_only_on_a_terminal_unless_asked(tmp_path, stack):
     path, _ = stack
     psf = _delta_psf(tmp_path)
     base = ["deconvolve", path, tmp_path / "o.tif", "--method", "rl", "--psf", psf,
-            "--iterations", 3]
+            "--num-iter", 3]
     r = _run(*base)  # CliRunner's stderr is not a terminal: no bar, nothing on stderr
     assert r.exit_code == 0 and r.stderr == "", r.stderr
     r = _run(*base, "--progress")
@@ -274,7 +272,7 @@ def test_missing_voxel_sizes_are_warned_with_what_is_assumed(tmp_path, stack):
     bare = tmp_path / "bare.tif"
     tifffile.imwrite(bare, x)  # no ImageJ/OME metadata: no voxel size
     r = _run("deconvolve", bare, tmp_path / "o.tif", "--method", "rl", "--psf",
-             _delta_psf(tmp_path, voxel=None), "--iterations", 1, "-q")
+             _delta_psf(tmp_path, voxel=None), "--num-iter", 1, "-q")
     assert r.exit_code == 0, r.output
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 2, r.stderr  # warnings stay with -q
@@ -283,12 +281,12 @@ def test_missing_voxel_sizes_are_warned_with_what_is_assumed(tmp_path, stack):
     assert "share one voxel size" in lines[0]
     # The PSF knows its voxel size: the image is assumed to have it.
     r = _run("deconvolve", bare, tmp_path / "o1.tif", "--method", "rl", "--psf",
-             _delta_psf(tmp_path), "--iterations", 1)
+             _delta_psf(tmp_path), "--num-iter", 1)
     [line] = r.stderr.strip().splitlines()
     assert "bare.tif has no voxel size" in line and "assuming the PSF's, (0.3, 0.13, 0.13) µm" in line
     # Given on the command line: the image is fine, the PSF is assumed at that voxel size.
     r = _run("deconvolve", bare, tmp_path / "o2.tif", "--method", "rl", "--psf",
-             _delta_psf(tmp_path, voxel=None), "--iterations", 1, "-q",
+             _delta_psf(tmp_path, voxel=None), "--num-iter", 1, "-q",
              "--voxel-size", *VOXEL)
     [line] = r.stderr.strip().splitlines()
     assert "bare_psf.tif has no voxel size" in line and "(0.3, 0.13, 0.13) µm" in line
@@ -350,7 +348,7 @@ def test_threads_sets_torch_and_our_openmp(tmp_path, stack, restore_threads):
     path, _ = stack
     gomp = ctypes.CDLL("libgomp.so.1")  # already loaded by torch: the runtime our kernels use
     r = _run("deconvolve", path, tmp_path / "o.tif", "--method", "rl", "--psf",
-             _delta_psf(tmp_path), "--iterations", 1, "--method", "rl", "--threads", 1,
+             _delta_psf(tmp_path), "--num-iter", 1, "--method", "rl", "--threads", 1,
              "--edges", "periodic")
     assert r.exit_code == 0, r.output
     assert torch.get_num_threads() == 1
@@ -367,6 +365,6 @@ def test_a_psf_at_another_voxel_size_is_said_to_be_resampled(tmp_path, stack):
     psf = tmp_path / "fine_psf.tif"
     io.write(psf, psf_models.gaussian((9, 9, 9), fine, (0.3, 0.13, 0.13)), voxel_size=fine)
     r = _run("deconvolve", path, tmp_path / "o.tif", "--method", "rl", "--psf", psf,
-             "--iterations", 1)
+             "--num-iter", 1)
     assert r.exit_code == 0 and r.stderr == "", r.output
     assert "resampling the PSF" in r.stdout and "(0.15, 0.065, 0.065) µm" in r.stdout

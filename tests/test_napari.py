@@ -114,7 +114,7 @@ def test_rl_widget_generated_psf_equals_api(viewer, dock, qtbot):
     out = viewer.layers["cells RL 4 it"]
     # Half the image, odd sides: (16, 32, 32) -> (9, 17, 17).
     psf = rf.psf.born_wolf((9, 17, 17), VOXEL, na=1.3, wavelength=0.6, ni=1.515)
-    expected = rf.richardson_lucy(img, psf, 4, acceleration="biggs", edges="bertero",
+    expected = rf.richardson_lucy(img, psf, 4, acceleration="shb", edges="bertero",
                                   device="cpu", progress=False)
     np.testing.assert_array_equal(out.data, expected)
     assert tuple(out.scale) == pytest.approx(VOXEL)

@@ -177,6 +177,78 @@ def test_oversample_converges():
 
 
 # ---------------------------------------------------------------------------
+# Born–Wolf as deconwolf's dw_bw computes it: paraxial, integrated over the voxel
+# ---------------------------------------------------------------------------
+
+OPTICS = dict(na=1.45, wavelength=0.461, ni=1.512)  # deconwolf's DAPI demo optics
+DAPI_VOXEL = DAPI["voxel_size"]
+
+
+def test_paraxial_axial_fwhm_matches_its_formula():
+    # Paraxial: I(0, z) = sinc²(k·z·NA²/(4·ni)), FWHM = 2·1.3916·4·ni/(k·NA²) = 1.7718·ni·λ/NA².
+    na, wl, ni = 1.45, 0.461, 1.512
+    axial = 1.7718 * ni * wl / na**2
+    a = psf.born_wolf((121, 5, 5), (axial / 20, 0.05, 0.05), na=na, wavelength=wl, ni=ni,
+                      paraxial=True)
+    c = centre(a)
+    assert fwhm_1d(a[:, c[1], c[2]], axial / 20) == pytest.approx(axial, rel=0.01)
+    exact = psf.born_wolf((121, 5, 5), (axial / 20, 0.05, 0.05), na=na, wavelength=wl, ni=ni)
+    assert fwhm_1d(exact[:, c[1], c[2]], axial / 20) < 0.7 * axial  # the exact phase is shorter
+
+
+def test_integrate_is_the_mean_over_each_voxels_area():
+    # The integrated PSF equals a 7x finer point-sampled one averaged over 7x7 blocks.
+    fine = psf.born_wolf((3, 21 * 7, 21 * 7), (0.3, 0.13 / 7, 0.13 / 7), oversample=3, **OPTICS)
+    block = fine.astype(float).reshape(3, 21, 7, 21, 7).mean(axis=(2, 4))
+    block /= block.sum()
+    a = psf.born_wolf((3, 21, 21), DAPI_VOXEL, integrate=True, **OPTICS).astype(float)
+    assert np.linalg.norm(a - block) / np.linalg.norm(block) < 5e-3
+    point = psf.born_wolf((3, 21, 21), DAPI_VOXEL, **OPTICS).astype(float)
+    assert np.linalg.norm(point - block) / np.linalg.norm(block) > 0.05  # it matters here
+
+
+def test_dapi_widths_match_deconwolfs_psf():
+    # deconwolf 0.4.7's `dw_bw --resxy 130 --resz 300 --lambda 461 --NA 1.45 --ni 1.512
+    # --nslice 79` (181x181 planes) has FWHMs of 1.951 planes (585 nm) along z and 1.299
+    # pixels along y and x (measured from its output here).
+    a = psf.born_wolf((79, 41, 41), DAPI_VOXEL, paraxial=True, integrate=True, **OPTICS)
+    fz, fy, fx = psf._fwhm_voxels(a, centre(a))
+    assert fz == pytest.approx(1.951, rel=0.01)
+    assert fy == pytest.approx(1.299, rel=0.01) and fx == pytest.approx(1.299, rel=0.01)
+
+
+def _dw_bw() -> str | None:
+    import os
+    import shutil
+
+    dw = os.environ.get("RLN_FAST_DECONWOLF") or shutil.which("dw")
+    if dw and os.path.isdir(dw):
+        dw = os.path.join(dw, "dw")
+    cand = os.path.join(os.path.dirname(dw), "dw_bw") if dw else None
+    return cand if cand and os.access(cand, os.X_OK) else shutil.which("dw_bw")
+
+
+def test_reproduces_deconwolfs_dw_bw(tmp_path):
+    import subprocess
+
+    tifffile = pytest.importorskip("tifffile")
+    exe = _dw_bw()
+    if exe is None:
+        pytest.skip("deconwolf's dw_bw not found (set RLN_FAST_DECONWOLF to its dw, or PATH)")
+    out = tmp_path / "psf.tif"
+    subprocess.run([exe, "--resxy", "130", "--resz", "300", "--lambda", "461", "--NA", "1.45",
+                    "--ni", "1.512", "--size", "41", "--nslice", "21", "--threads", "2", str(out)],
+                   check=True, capture_output=True, timeout=300)
+    theirs = tifffile.imread(out).astype(float)
+    theirs /= theirs.sum()
+    ours = psf.born_wolf(theirs.shape, DAPI_VOXEL, paraxial=True, integrate=True, **OPTICS)
+    rel = np.linalg.norm(ours - theirs) / np.linalg.norm(theirs)
+    assert rel < 0.01, rel  # measured: 7e-4 for the 79x181x181 demo PSF
+    default = psf.born_wolf(theirs.shape, DAPI_VOXEL, **OPTICS)
+    assert np.linalg.norm(default - theirs) / np.linalg.norm(theirs) > 0.2
+
+
+# ---------------------------------------------------------------------------
 # Gibson–Lanni
 # ---------------------------------------------------------------------------
 
@@ -359,6 +431,13 @@ def test_confocal_wavelength_errors():
         psf.confocal((9, 9, 9), 0.1, na=1.4, em_wavelength=0.52, ex_wavelength=488)
     with pytest.raises(ValueError, match=r"em_wavelength must be a finite number > 0"):
         psf.confocal((9, 9, 9), 0.1, na=1.4, em_wavelength=-0.52, ex_wavelength=0.488)
+
+
+def test_born_wolf_flag_errors():
+    with pytest.raises(TypeError, match=r"paraxial must be True or False, got 'yes'"):
+        psf.born_wolf((9, 9, 9), 0.1, na=1.4, wavelength=0.52, paraxial="yes")
+    with pytest.raises(TypeError, match=r"integrate must be True or False, got 1"):
+        psf.born_wolf((9, 9, 9), 0.1, na=1.4, wavelength=0.52, integrate=1)
 
 
 def test_generators_are_fast():

@@ -263,8 +263,8 @@ class RichardsonLucyWidget(_Panel):
         self.ni = _float_box("n immersion", 1.515, 1.0, 2.0, 0.001,
                              "refractive index of the immersion medium")
         self.iterations = SpinBox(label="iterations", value=20, min=1, max=10000)
-        self.acceleration = ComboBox(label="acceleration", choices=["biggs", "none"],
-                                     value="biggs")
+        self.acceleration = ComboBox(label="acceleration", choices=["shb", "biggs", "none"],
+                                     value="shb")
         self.edges = ComboBox(label="edges", choices=["bertero", "periodic", "reflect"],
                               value="bertero")
         self.device = ComboBox(label="device", choices=_devices(), value="auto")
@@ -306,8 +306,7 @@ class RichardsonLucyWidget(_Panel):
                                           image_shape=tuple(data.shape))
 
         num_iter = int(self.iterations.value)
-        options = {"acceleration": None if self.acceleration.value == "none"
-                   else self.acceleration.value,
+        options = {"acceleration": self.acceleration.value,
                    "edges": self.edges.value, "device": _resolve_device(self.device.value)}
 
         def compute(should_stop: Callable[[], bool], report: Callable[[int], None]) -> np.ndarray:
