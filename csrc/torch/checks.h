@@ -43,6 +43,31 @@ template <class... A>
       ::rln_fast::detail::fail(__func__, __FILE__, static_cast<uint32_t>(__LINE__), __VA_ARGS__); \
   } while (0)
 
+// AT_DISPATCH_FLOATING_TYPES without its stream-formatted "not implemented" check: scalar_t is
+// float or double inside the lambda; any other dtype (already refused by the op's checks) fails
+// with an RLN_CHECK message.
+#define RLN_DISPATCH_FLOATING_TYPES(TYPE, NAME, ...)                                         \
+  [&] {                                                                                      \
+    const at::ScalarType rln_fast_st = (TYPE);                                               \
+    if (rln_fast_st == at::kDouble) {                                                        \
+      using scalar_t = double;                                                               \
+      return __VA_ARGS__();                                                                  \
+    }                                                                                        \
+    RLN_CHECK(rln_fast_st == at::kFloat, NAME, ": not implemented for ", rln_fast_st);       \
+    using scalar_t = float;                                                                  \
+    return __VA_ARGS__();                                                                    \
+  }()
+
+// New tensors of the given sizes. at::empty(IntArrayRef) converts through
+// c10::fromIntArrayRefSlow, whose range check formats with iostreams; these sizes come from
+// checked tensors, so they are passed on unchecked.
+inline at::Tensor new_empty(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  return at::empty_symint(c10::fromIntArrayRefUnchecked(sizes), opts);
+}
+inline at::Tensor new_zeros(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  return at::zeros_symint(c10::fromIntArrayRefUnchecked(sizes), opts);
+}
+
 // "(a, b, c)" for sizes or strides.
 inline std::string dims_str(at::IntArrayRef dims) {
   std::string s = "(";
