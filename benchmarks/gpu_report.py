@@ -303,10 +303,10 @@ def bench_rl_shape(shape, psf_np, reps, device) -> dict:
     del k
 
     def periodic(n):
-        return richardson_lucy(img, psf, n, edges="periodic", acceleration=None, progress=False)
+        return richardson_lucy(img, psf_np, n, edges="periodic", acceleration=None, progress=False)
 
     def default(n):  # edges="bertero", acceleration="biggs"
-        return richardson_lucy(img, psf, n, progress=False)
+        return richardson_lucy(img, psf_np, n, progress=False)
 
     def plain(n):
         return plain_rl_periodic(img, None, n, otf=otf)

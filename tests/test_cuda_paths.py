@@ -10,6 +10,9 @@ direct RL paths with TV, background and float64, error messages, autocast and ti
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+
 import pytest
 import torch
 
@@ -341,3 +344,17 @@ def test_tiled_rln_on_device(device):
     if device != "cpu":
         cpu = rln_deconvolve(vol, fused, device="cpu", progress=False)
         assert rel_err(tiled, cpu) <= 1e-4
+
+
+# ---------------------------------------------------------------- no iostreams in the glue
+
+
+@pytest.mark.skipif(shutil.which("nm") is None, reason="needs nm (binutils)")
+def test_extension_has_no_iostreams():
+    """The checks format messages with std::string only: stream formatting compiled into the
+    extension segfaulted on the GPU machine (std::ostream::_M_insert<long>), so none may be
+    left anywhere in rln_fast._C, including torch helpers inlined into it."""
+    so = _backend._C.__file__
+    out = subprocess.run(["nm", "-C", "-D", "--undefined-only", so], capture_output=True,
+                         text=True, check=True).stdout
+    assert "ostream" not in out, [line for line in out.splitlines() if "ostream" in line]

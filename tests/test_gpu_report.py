@@ -106,7 +106,7 @@ def test_gpu_check_smoke_mode(tmp_path):
     env["GPU_TESTS"] = "tests/test_cuda_paths.py::test_slabs_cover_depth_with_even_starts"
     env["GPU_REPORT_ARGS"] = "--skip layers rln deconvolve rl train compile"
     r = subprocess.run(["bash", str(CHECK), "--smoke"], capture_output=True, text=True, env=env,
-                       cwd=ROOT, timeout=300)
+                       cwd=ROOT, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert json.loads((tmp_path / "ok" / "gpu_report.json").read_text())["mode"] == "smoke"
     # A failing step (here: a test that does not exist) makes the whole check fail, and the
@@ -114,6 +114,6 @@ def test_gpu_check_smoke_mode(tmp_path):
     env["OUT"] = str(tmp_path / "bad")
     env["GPU_TESTS"] = "tests/test_cuda_paths.py::no_such_test"
     r = subprocess.run(["bash", str(CHECK), "--smoke"], capture_output=True, text=True, env=env,
-                       cwd=ROOT, timeout=300)
+                       cwd=ROOT, timeout=900)
     assert r.returncode != 0 and "failed: tests" in r.stdout
     assert (tmp_path / "bad" / "gpu_report.json").is_file()
