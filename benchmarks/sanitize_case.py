@@ -67,3 +67,11 @@ for dtype in (torch.float32, torch.float64):
     ops.psf_conv_update(est, r, k, wd, tv=0.01)
 torch.cuda.synchronize()
 print("sanitize case (classic RL) ran")
+
+# Past the shared-memory limit the conv runs in channel chunks (300 float32 input channels at
+# 8 outputs; the input gradient swaps them): forward and backward.
+xs = [torch.randn(1, 300, 3, 5, 33, device="cuda", requires_grad=True)]
+w = torch.randn(8, 300, 3, 3, 3, device="cuda", requires_grad=True)
+ops.conv3d(xs, w, None, "softplus").sum().backward()
+torch.cuda.synchronize()
+print("sanitize case (channel chunks) ran")

@@ -180,6 +180,24 @@ def test_chunked_conv_forward_and_backward(device, dtype, chans, cout, small_sme
                        reference.conv3d_rl_multiply(d, wd, None, "none", None, 0.0)) <= tol
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_many_input_channels(device):
+    """Past the real limit (float32, 8 outputs: 237 channels in 227 KiB; the input gradient
+    has Cin and Cout swapped) the CUDA conv chunks by itself; the CPU has no limit."""
+    xs, w, b, s = make_conv_case(1, (150, 150), 8, (3, 5, 33), bias=True, skip=True, device=device,
+                                 dtype=torch.float32, requires_grad=True)
+    got = ops.conv3d(xs, w, b, "softplus", s)
+    xr = [t.detach().cpu().double().requires_grad_() for t in xs]
+    wr, br, sr = (t.detach().cpu().double().requires_grad_() for t in (w, b, s))
+    want = reference.conv3d(xr, wr, br, "softplus", sr)
+    assert rel_err(got.cpu().double(), want) <= 1e-5
+    gy = torch.randn_like(want)
+    got_g = torch.autograd.grad(got, [*xs, w], gy.to(device=device, dtype=torch.float32))
+    want_g = torch.autograd.grad(want, [*xr, wr], gy)
+    for g1, g2 in zip(got_g, want_g):
+        assert rel_err(g1.cpu().double(), g2) <= 1e-5
+
+
 def test_smem_limit_too_small_is_an_error():
     xs, w, b, _ = make_conv_case(1, (4,), 4, (3, 3, 3), bias=True, skip=False, device="cpu")
     _C._set_conv3d_smem_limit(100)

@@ -8,7 +8,6 @@
 #include <type_traits>
 
 #ifdef RLN_FAST_WITH_CUDA
-#include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime.h>
 #endif
 
@@ -81,10 +80,33 @@ inline std::string shape_str(const at::Tensor& t) { return dims_str(t.sizes()); 
 inline void check_launch(cudaError_t err, const char* op) {
   RLN_CHECK(err == cudaSuccess, "rln_fast.", op, ": CUDA launch failed: ", cudaGetErrorString(err));
 }
-// Kernels launch on the device of t (a no-op guard for CPU tensors).
-#define RLN_FAST_DEVICE_GUARD(t)                                                            \
-  const c10::cuda::OptionalCUDAGuard rln_fast_device_guard(                                 \
-      (t).is_cuda() ? c10::make_optional((t).device()) : c10::nullopt)
+// Makes t's GPU current for the kernels and the current-stream lookup and restores the previous
+// device on exit (nothing for CPU tensors). Hand-rolled instead of c10::cuda::OptionalCUDAGuard,
+// whose inlined device-index checks format their messages with iostreams.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(const at::Tensor& t) {
+    if (!t.is_cuda()) return;
+    int current = 0;
+    const int want = static_cast<int>(t.get_device());
+    cudaError_t err = cudaGetDevice(&current);
+    if (err == cudaSuccess && current != want) {
+      err = cudaSetDevice(want);
+      if (err == cudaSuccess) previous_ = current;
+    }
+    RLN_CHECK(err == cudaSuccess, "rln_fast: cannot make CUDA device ", want, " current: ",
+              cudaGetErrorString(err));
+  }
+  ~DeviceGuard() {
+    if (previous_ >= 0) cudaSetDevice(previous_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = -1;
+};
+#define RLN_FAST_DEVICE_GUARD(t) const ::rln_fast::DeviceGuard rln_fast_device_guard(t)
 #else
 #define RLN_FAST_DEVICE_GUARD(t)
 #endif

@@ -10,7 +10,6 @@
 
 #ifdef RLN_FAST_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 
 #include "rln_fast/kernels_cuda.h"
 #endif
