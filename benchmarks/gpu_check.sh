@@ -1,43 +1,75 @@
 #!/usr/bin/env bash
-# The GPU check, one call on a CUDA machine: build for sm_90 with ninja on all cores, CUDA tests,
-# compute-sanitizer memcheck on a small case, the GPU benchmark; JSON and logs to $OUT.
+# The GPU check, one call on a CUDA machine; results (JSON, logs) to $OUT:
+#   build for sm_90 with ninja on 16 jobs -> CUDA tests -> compute-sanitizer memcheck of every
+#   kernel on a small case -> the report (benchmarks/gpu_report.py, compile baseline last).
+# Estimated on one H100/H200: build ~2.5 min, tests ~1 min, memcheck ~1 min, report ~3.5 min
+# (of which torch.compile ~2 min): about 8 min in all.
+#
+#   benchmarks/gpu_check.sh            the GPU run (needs nvcc, a CUDA torch and a GPU)
+#   benchmarks/gpu_check.sh --smoke    the same script on the CPU, tiny sizes, no build and no
+#                                      sanitizer: what CI runs so the script cannot rot
+# Every step's exit status counts: the script exits non-zero when any step failed, after
+# running the rest (a failed build stops it). GPU_TESTS / GPU_REPORT_ARGS override the tests
+# and add report arguments.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-benchmarks/results}
+SMOKE=0
+if [ "${1:-}" = "--smoke" ]; then SMOKE=1; shift; fi
+if [ $# -gt 0 ]; then echo "usage: $0 [--smoke]" >&2; exit 2; fi
+OUT=${OUT:-benchmarks/results/gpu_check}
 mkdir -p "$OUT"
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} RLN_FAST_FORCE_CUDA=1
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 status=0
+failed=()
 step() { echo "== $1 ($(date +%T))"; }
+fail() { status=1; failed+=("$1"); echo "!! $1 failed"; }
 
-step "build"
-if ! "$PY" -m pip install --no-deps --no-build-isolation -e . > "$OUT/build.log" 2>&1; then
-  tail -40 "$OUT/build.log"; exit 1
-fi
-"$PY" -c "import json, rln_fast; print(json.dumps(rln_fast.backend_info()))" | tee "$OUT/backend.json"
-
-# The official checkpoint travels in _local/ (git-ignored); tests look for ../shared.
+# The official checkpoint and data travel in _local/shared (git-ignored); tests and the report
+# look for ../shared beside the checkout.
 if [ -d _local/shared ] && [ ! -e ../shared ]; then ln -s "$PWD/_local/shared" ../shared; fi
 
+if [ $SMOKE -eq 1 ]; then
+  step "smoke: extension"
+  "$PY" -c "import json, rln_fast; print(json.dumps(rln_fast.backend_info()))" > "$OUT/backend.json" \
+    || fail "import"
+  step "smoke: device-generic tests (CPU twin)"
+  "$PY" -m pytest -q -x -p no:cacheprovider ${GPU_TESTS:-tests/test_cuda_paths.py} > "$OUT/pytest.log" 2>&1 \
+    || fail "tests"
+  tail -2 "$OUT/pytest.log"
+  step "smoke: report"
+  report_args=(--random-weights)
+  [ -f ../shared/official_rln/model.ckpt.index ] && report_args=()
+  "$PY" benchmarks/gpu_report.py --smoke --out "$OUT" "${report_args[@]}" ${GPU_REPORT_ARGS:-} \
+    > "$OUT/report.log" 2>&1 || fail "report"
+  tail -3 "$OUT/report.log"
+  step "done (status $status${failed:+; failed: ${failed[*]}})"
+  exit $status
+fi
+
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} RLN_FAST_FORCE_CUDA=1
+step "build (sm_${TORCH_CUDA_ARCH_LIST/./}, $MAX_JOBS jobs)"
+if ! "$PY" -m pip install --no-deps --no-build-isolation -e . > "$OUT/build.log" 2>&1; then
+  tail -40 "$OUT/build.log"; echo "!! build failed"; exit 1
+fi
+"$PY" -c "import json, rln_fast; i = rln_fast.backend_info(); print(json.dumps(i)); assert i['cuda'], 'no CUDA kernels'" \
+  | tee "$OUT/backend.json"
+[ "${PIPESTATUS[0]}" -eq 0 ] || { echo "!! the build has no CUDA kernels"; exit 1; }
+
 step "CUDA tests"
-"$PY" -m pytest -q -p no:cacheprovider ${GPU_TESTS:-tests} 2>&1 | tee "$OUT/pytest_cuda.log" | tail -15
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+"$PY" -m pytest -q -p no:cacheprovider -k "cuda or gpu" \
+  ${GPU_TESTS:-tests/test_cuda_paths.py tests/test_ops.py tests/test_ops_fused.py tests/test_rl_ops.py tests/test_rln.py tests/test_nn.py tests/test_rl.py} \
+  > "$OUT/pytest_cuda.log" 2>&1 || fail "CUDA tests"
+tail -15 "$OUT/pytest_cuda.log"
 
-step "compute-sanitizer memcheck"
-compute-sanitizer --tool memcheck --error-exitcode 3 "$PY" benchmarks/sanitize_case.py > "$OUT/sanitizer.log" 2>&1
-rc=$?; tail -3 "$OUT/sanitizer.log"; [ $rc -eq 0 ] || status=1
+step "compute-sanitizer memcheck (every kernel, small case)"
+compute-sanitizer --tool memcheck --error-exitcode 3 --print-limit 20 "$PY" benchmarks/sanitize_case.py \
+  > "$OUT/sanitizer.log" 2>&1 || fail "memcheck"
+tail -4 "$OUT/sanitizer.log"
 
-step "benchmarks: ops, RLN inference, RL"
-"$PY" benchmarks/gpu_report.py --out "$OUT/gpu_report.json" --skip compile ${GPU_REPORT_ARGS:-} || status=1
+step "report: layers, RLN, rln_deconvolve, RL, training step, torch.compile"
+"$PY" benchmarks/gpu_report.py --out "$OUT" ${GPU_REPORT_ARGS:-} 2>&1 | tee "$OUT/report.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || fail "report"
 
-step "benchmark: training step"
-"$PY" -m pytest -q -p no:cacheprovider benchmarks/bench_train.py -k cuda \
-  --benchmark-json "$OUT/bench_train_cuda.json" 2>&1 | tail -4
-
-step "benchmark: torch.compile baseline of the plain RLN"
-fused_ms=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['rln_inference']['fused_ms'])" "$OUT/gpu_report.json" 2>/dev/null)
-[ -n "$fused_ms" ] && "$PY" benchmarks/gpu_report.py --out "$OUT/gpu_compile.json" --skip layers rln rl \
-  --fused-ms "$fused_ms" || status=1
-step "done (status $status)"
+step "done (status $status${failed:+; failed: ${failed[*]}})"
 exit $status

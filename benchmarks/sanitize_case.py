@@ -1,4 +1,5 @@
-"""A small CUDA case for compute-sanitizer: every kernel (forward and backward, float32 and float64)."""
+"""A small CUDA case for compute-sanitizer: every kernel (forward and backward, float32 and float64),
+the fused RL convs, the fused RLN, and the classic RL kernels on every path."""
 
 import torch
 
@@ -33,3 +34,44 @@ with torch.no_grad():
     RLN().eval().cuda().fuse()(torch.rand(1, 1, 13, 22, 35, device="cuda"))
 torch.cuda.synchronize()
 print("sanitize case (fused) ran")
+
+# Classic RL (rl_ratio, rl_update with its block dot products, psf_conv_ratio/update): the FFT
+# and direct paths, each edge mode, TV, background, Biggs acceleration, float32 and float64.
+from rln_fast.psf import gaussian
+from rln_fast.rl import richardson_lucy
+
+psf = gaussian((5, 7, 7), sigma=(1.5, 1.0, 1.0))
+for dtype in (torch.float32, torch.float64):
+    img = torch.rand(9, 13, 37, device="cuda", dtype=dtype) + 0.2
+    for method, edges in (("fft", "periodic"), ("fft", "bertero"), ("fft", "reflect"),
+                          ("direct", "bertero"), ("direct", "reflect")):
+        for tv, bg, acc in ((0.0, 0.0, None), (0.01, 0.05, "biggs")):
+            richardson_lucy(img, psf, 3, method=method, edges=edges, tv=tv, background=bg,
+                            acceleration=acc, progress=False)
+# The classic RL ops themselves in float64 too (richardson_lucy computes in float32), with
+# Bertero weights, TV and the Biggs dot products.
+for dtype in (torch.float32, torch.float64):
+    kw = dict(device="cuda", dtype=dtype)
+    image = torch.rand(2, 1, 7, 9, 33, **kw) + 0.1
+    work = torch.rand(2, 1, 11, 15, 39, **kw) + 0.1
+    k = torch.from_numpy(psf).to(**kw)
+    weights = ops.edge_weights(psf, (11, 15, 39), (7, 9, 33), circular=True, device="cuda")
+    ratio = ops.rl_ratio(image, work, 0.05)
+    ops.rl_update(work, ratio, weights, tv=0.01)
+    ops.rl_update(work, ratio, None, tv=0.01, tv_periodic=False)
+    prev, change = torch.zeros_like(work), torch.zeros_like(work)
+    ops.rl_update_(ratio.clone(), work, weights, 0.01, previous=prev, change=change)
+    est = torch.rand(2, 1, 11, 15, 39, **kw) + 0.1
+    r = ops.psf_conv_ratio(image, est, k, 0.05)
+    wd = ops.edge_weights(psf, (11, 15, 39), (7, 9, 33), (2, 3, 3), circular=False, device="cuda")
+    ops.psf_conv_update(est, r, k, wd, tv=0.01)
+torch.cuda.synchronize()
+print("sanitize case (classic RL) ran")
+
+# Past the shared-memory limit the conv runs in channel chunks (300 float32 input channels at
+# 8 outputs; the input gradient swaps them): forward and backward.
+xs = [torch.randn(1, 300, 3, 5, 33, device="cuda", requires_grad=True)]
+w = torch.randn(8, 300, 3, 3, 3, device="cuda", requires_grad=True)
+ops.conv3d(xs, w, None, "softplus").sum().backward()
+torch.cuda.synchronize()
+print("sanitize case (channel chunks) ran")

@@ -53,6 +53,14 @@ def use_reference(op: str, device: torch.device) -> bool:
     return True
 
 
+def register_float32_autocast(*ops: str) -> None:
+    """Under torch.autocast (CPU or CUDA) these custom ops take their float16/bfloat16 inputs as
+    float32 (float64 stays float64): the kernels exist for float32 and float64 only."""
+    for op in ops:
+        for device_type in ("cpu", "cuda"):
+            torch.library.register_autocast(op, device_type, torch.float32)
+
+
 def backend_info() -> dict:
     """What rln_fast can run here: compiled backends, CUDA architectures, versions, and why not."""
     info = {

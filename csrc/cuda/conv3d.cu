@@ -7,7 +7,7 @@ namespace rln_fast {
 namespace cuda {
 namespace {
 
-constexpr int kBX = 32, kBY = 8, kThreads = kBX * kBY;  // one block: 32 x 8 columns of voxels
+constexpr int kBX = kConvBlockX, kBY = kConvBlockY, kThreads = kBX * kBY;  // 32 x 8 columns
 constexpr int kTX = kBX + 2, kTY = kBY + 2;              // its input tile with a one-voxel halo
 
 // Loads channel `src` of the input around the block's (z0, y0, x0) corner into tile[TZ][kTY][kTX],
@@ -162,10 +162,13 @@ __global__ void __launch_bounds__(kThreads, 2)
 template <typename T, int COT, int ZT, int EPI = kEpiNone>
 cudaError_t launch_forward_tiled(const Conv3dParams& p, const Conv3dPtrs<T>& q, cudaStream_t s,
                                  const ConvRlParams& e = {}, const T* a = nullptr) {
+  static_assert(conv3d_forward_tile(COT, sizeof(T)).cot == COT &&
+                    conv3d_forward_tile(COT, sizeof(T)).zt == ZT,
+                "the launch must use the tile conv3d_forward_smem_bytes describes");
   const int64_t n_chunks = (p.Cout + COT - 1) / COT, n_ztiles = (p.D + ZT - 1) / ZT;
   const int64_t gz = p.N * n_chunks * n_ztiles, gy = (p.H + kBY - 1) / kBY;
   if (gz > 65535 || gy > 65535) return cudaErrorInvalidConfiguration;
-  const size_t smem = sizeof(T) * (p.Cin * kConvTaps * COT + 2 * (ZT + 2) * kTY * kTX);
+  const size_t smem = conv3d_forward_smem_bytes(p.Cin, ConvTile{COT, ZT}, sizeof(T));
   auto kernel = conv3d_forward_kernel<T, COT, ZT, EPI>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
@@ -174,6 +177,15 @@ cudaError_t launch_forward_tiled(const Conv3dParams& p, const Conv3dPtrs<T>& q, 
                   static_cast<unsigned>(gz));
   kernel<<<grid, dim3(kBX, kBY), smem, s>>>(p, q, n_chunks, n_ztiles, e, a);
   return cudaGetLastError();
+}
+
+// The tile of conv3d_forward_tile: <4, 16> / <8, 8> for float, <4, 8> / <8, 4> for double.
+template <typename T, int EPI>
+cudaError_t launch_forward(const Conv3dParams& p, const Conv3dPtrs<T>& q, cudaStream_t s,
+                           const ConvRlParams& e = {}, const T* a = nullptr) {
+  constexpr int kZ4 = conv3d_forward_tile(4, sizeof(T)).zt, kZ8 = conv3d_forward_tile(8, sizeof(T)).zt;
+  return p.Cout <= 4 ? launch_forward_tiled<T, 4, kZ4, EPI>(p, q, s, e, a)
+                     : launch_forward_tiled<T, 8, kZ8, EPI>(p, q, s, e, a);
 }
 
 template <typename T>
@@ -310,20 +322,17 @@ int grid_for(int64_t n, int threads) {
 template <typename T>
 cudaError_t launch_conv3d_forward(const Conv3dParams& p, const Conv3dPtrs<T>& q, cudaStream_t s) {
   if (p.N * p.Cout * p.D * p.H * p.W == 0) return cudaSuccess;
-  if (p.Cout <= 4) return launch_forward_tiled<T, 4, 16>(p, q, s);
-  return launch_forward_tiled<T, 8, 8>(p, q, s);
+  if (p.Cin <= 0) return cudaErrorInvalidValue;  // the torch glue rejects it first
+  return launch_forward<T, kEpiNone>(p, q, s);
 }
 
 template <typename T>
 cudaError_t launch_conv3d_rl_forward(const Conv3dParams& p, const Conv3dPtrs<T>& q,
                                      const ConvRlParams& e, const T* a, cudaStream_t s) {
   if (p.N * p.D * p.H * p.W == 0) return cudaSuccess;
-  if (p.Cout > 8) return cudaErrorInvalidValue;
-  if (e.mode == kEpiDivide)
-    return p.Cout <= 4 ? launch_forward_tiled<T, 4, 16, kEpiDivide>(p, q, s, e, a)
-                       : launch_forward_tiled<T, 8, 8, kEpiDivide>(p, q, s, e, a);
-  return p.Cout <= 4 ? launch_forward_tiled<T, 4, 16, kEpiMultiply>(p, q, s, e, a)
-                     : launch_forward_tiled<T, 8, 8, kEpiMultiply>(p, q, s, e, a);
+  if (p.Cout > 8 || p.Cout <= 0 || p.Cin <= 0) return cudaErrorInvalidValue;
+  return e.mode == kEpiDivide ? launch_forward<T, kEpiDivide>(p, q, s, e, a)
+                              : launch_forward<T, kEpiMultiply>(p, q, s, e, a);
 }
 
 template <typename T>

@@ -174,6 +174,22 @@ void test_rl_ops(double tol, std::mt19937& rng) {
     check(err < tol, std::string("rl_multiply ") + (paper ? "paper" : "exact"));
   }
 }
+// The host-side plan of the CUDA forward: the channels per launch are the most that fit.
+void test_cin_per_launch() {
+  for (size_t elem : {size_t(4), size_t(8)})
+    for (int64_t cout : {1, 4, 5, 8, 16})
+      for (size_t limit : {size_t(0), size_t(30000), size_t(60000), size_t(232448)}) {
+        const ConvTile t = conv3d_forward_tile(cout, elem);
+        const int64_t n = conv3d_max_cin_per_launch(cout, elem, limit);
+        const bool fits = n == 0 || conv3d_forward_smem_bytes(n, t, elem) <= limit;
+        check(fits && conv3d_forward_smem_bytes(n + 1, t, elem) > limit,
+              "conv3d_max_cin_per_launch cout " + std::to_string(cout) + " elem " +
+                  std::to_string(elem) + " limit " + std::to_string(limit));
+      }
+  // 227 KiB (H100/H200 opt-in) hold 237 float32 input channels at 8 output channels.
+  check(conv3d_max_cin_per_launch(8, 4, 232448) == 237, "conv3d_max_cin_per_launch 237");
+  check(conv3d_forward_tile(8, 8).zt < conv3d_forward_tile(8, 4).zt, "float64 tile is shallower");
+}
 }  // namespace
 
 int main() {
@@ -193,6 +209,7 @@ int main() {
   }
   test_rl_ops<double>(1e-12, rng);
   test_rl_ops<float>(1e-5, rng);
+  test_cin_per_launch();
   std::printf("%d passed, %d failed\n", g_passed, g_failed);
   return g_failed == 0 ? 0 : 1;
 }

@@ -43,6 +43,8 @@ std::vector<at::Tensor> psf_conv_update_forward(const at::Tensor&, const at::Ten
                                                 const c10::optional<at::Tensor>&,
                                                 const c10::optional<at::Tensor>&, double, double,
                                                 double, double);
+void set_conv3d_smem_limit(int64_t);
+int64_t max_cin_per_launch(int64_t, int64_t, int64_t);
 }  // namespace rln_fast
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -59,6 +61,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rl_update_forward", &rln_fast::rl_update_forward);
   m.def("psf_conv_ratio_forward", &rln_fast::psf_conv_ratio_forward);
   m.def("psf_conv_update_forward", &rln_fast::psf_conv_update_forward);
+  // Shared memory per block that the conv3d forward plans with, replacing the device's on every
+  // device (CPU included) when > 0, so the channel-chunked fallback can be tested anywhere; 0
+  // restores the device's own limit.
+  m.def("_set_conv3d_smem_limit", &rln_fast::set_conv3d_smem_limit);
+  // Input channels one CUDA forward launch can take within smem_limit bytes per block.
+  m.def("conv3d_max_cin_per_launch", &rln_fast::max_cin_per_launch);
 #ifdef RLN_FAST_WITH_CUDA
   m.def("built_with_cuda", [] { return true; });
   m.def("cuda_arch", [] { return std::string(RLN_FAST_CUDA_ARCH); });

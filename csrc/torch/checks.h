@@ -8,7 +8,6 @@
 #include <type_traits>
 
 #ifdef RLN_FAST_WITH_CUDA
-#include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime.h>
 #endif
 
@@ -43,6 +42,31 @@ template <class... A>
       ::rln_fast::detail::fail(__func__, __FILE__, static_cast<uint32_t>(__LINE__), __VA_ARGS__); \
   } while (0)
 
+// AT_DISPATCH_FLOATING_TYPES without its stream-formatted "not implemented" check: scalar_t is
+// float or double inside the lambda; any other dtype (already refused by the op's checks) fails
+// with an RLN_CHECK message.
+#define RLN_DISPATCH_FLOATING_TYPES(TYPE, NAME, ...)                                         \
+  [&] {                                                                                      \
+    const at::ScalarType rln_fast_st = (TYPE);                                               \
+    if (rln_fast_st == at::kDouble) {                                                        \
+      using scalar_t = double;                                                               \
+      return __VA_ARGS__();                                                                  \
+    }                                                                                        \
+    RLN_CHECK(rln_fast_st == at::kFloat, NAME, ": not implemented for ", rln_fast_st);       \
+    using scalar_t = float;                                                                  \
+    return __VA_ARGS__();                                                                    \
+  }()
+
+// New tensors of the given sizes. at::empty(IntArrayRef) converts through
+// c10::fromIntArrayRefSlow, whose range check formats with iostreams; these sizes come from
+// checked tensors, so they are passed on unchecked.
+inline at::Tensor new_empty(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  return at::empty_symint(c10::fromIntArrayRefUnchecked(sizes), opts);
+}
+inline at::Tensor new_zeros(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  return at::zeros_symint(c10::fromIntArrayRefUnchecked(sizes), opts);
+}
+
 // "(a, b, c)" for sizes or strides.
 inline std::string dims_str(at::IntArrayRef dims) {
   std::string s = "(";
@@ -56,10 +80,33 @@ inline std::string shape_str(const at::Tensor& t) { return dims_str(t.sizes()); 
 inline void check_launch(cudaError_t err, const char* op) {
   RLN_CHECK(err == cudaSuccess, "rln_fast.", op, ": CUDA launch failed: ", cudaGetErrorString(err));
 }
-// Kernels launch on the device of t (a no-op guard for CPU tensors).
-#define RLN_FAST_DEVICE_GUARD(t)                                                            \
-  const c10::cuda::OptionalCUDAGuard rln_fast_device_guard(                                 \
-      (t).is_cuda() ? c10::make_optional((t).device()) : c10::nullopt)
+// Makes t's GPU current for the kernels and the current-stream lookup and restores the previous
+// device on exit (nothing for CPU tensors). Hand-rolled instead of c10::cuda::OptionalCUDAGuard,
+// whose inlined device-index checks format their messages with iostreams.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(const at::Tensor& t) {
+    if (!t.is_cuda()) return;
+    int current = 0;
+    const int want = static_cast<int>(t.get_device());
+    cudaError_t err = cudaGetDevice(&current);
+    if (err == cudaSuccess && current != want) {
+      err = cudaSetDevice(want);
+      if (err == cudaSuccess) previous_ = current;
+    }
+    RLN_CHECK(err == cudaSuccess, "rln_fast: cannot make CUDA device ", want, " current: ",
+              cudaGetErrorString(err));
+  }
+  ~DeviceGuard() {
+    if (previous_ >= 0) cudaSetDevice(previous_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = -1;
+};
+#define RLN_FAST_DEVICE_GUARD(t) const ::rln_fast::DeviceGuard rln_fast_device_guard(t)
 #else
 #define RLN_FAST_DEVICE_GUARD(t)
 #endif

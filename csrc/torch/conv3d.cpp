@@ -1,6 +1,8 @@
 // conv3d torch glue: argument checks, allocation, device guard and stream, CPU/CUDA dispatch.
 #include <torch/extension.h>
 
+#include <algorithm>
+#include <atomic>
 #include <vector>
 
 #include "checks.h"
@@ -8,7 +10,6 @@
 
 #ifdef RLN_FAST_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 
 #include "rln_fast/kernels_cuda.h"
 #endif
@@ -42,12 +43,16 @@ ConvCall check_conv3d_args(const std::vector<at::Tensor>& inputs, const at::Tens
     c.p.Cin += inputs[i].size(1);
     c.inputs.push_back(inputs[i].contiguous());
   }
+  // A conv over no channels would read no input at all (the CUDA kernel has nothing to stage).
+  RLN_CHECK(c.p.Cin > 0, "rln_fast.", op, ": the inputs must have at least 1 channel in all, got 0");
   RLN_CHECK(w.dim() == 5, "rln_fast.", op,
               ": 'weight' must be 5-D (Cout, Cin, 3, 3, 3), got ", w.dim(), "-D");
   check_same(op, "weight", w, x0, "inputs[0]");
   RLN_CHECK(w.size(2) == 3 && w.size(3) == 3 && w.size(4) == 3, "rln_fast.", op,
               ": 'weight' must have a 3x3x3 kernel, got ", w.size(2), "x", w.size(3), "x",
               w.size(4));
+  RLN_CHECK(w.size(0) > 0, "rln_fast.", op,
+              ": 'weight' must have at least 1 output channel, got 0");
   RLN_CHECK(w.size(1) == c.p.Cin, "rln_fast.", op, ": 'weight' expects ", w.size(1),
               " input channels, but the inputs have ", c.p.Cin, " channels in all");
   RLN_CHECK(act == kActNone || act == kActSoftplus, "rln_fast.", op,
@@ -84,9 +89,9 @@ Conv3dPtrs<T> pointers(const ConvCall& c) {
   return q;
 }
 
-// Runs the forward conv of `c` into out (and preact if defined), on c's device.
-void run_forward(const ConvCall& c, at::Tensor& out, at::Tensor& preact) {
-  AT_DISPATCH_FLOATING_TYPES(c.w.scalar_type(), "rln_fast.conv3d", [&] {
+// Launches the forward conv of `c` into out (and preact if defined), on c's device, as one call.
+void launch_forward(const ConvCall& c, at::Tensor& out, at::Tensor& preact) {
+  RLN_DISPATCH_FLOATING_TYPES(c.w.scalar_type(), "rln_fast.conv3d", [&] {
     Conv3dPtrs<scalar_t> q = pointers<scalar_t>(c);
     q.out = out.data_ptr<scalar_t>();
     q.preact = preact.defined() ? preact.data_ptr<scalar_t>() : nullptr;
@@ -101,7 +106,94 @@ void run_forward(const ConvCall& c, at::Tensor& out, at::Tensor& preact) {
   });
 }
 
+// Shared-memory limit (bytes per block) that replaces the device's on every device when > 0, so
+// the chunked path below runs, and is tested, on the CPU too (rln_fast._C._set_conv3d_smem_limit).
+std::atomic<int64_t> g_smem_limit_override{0};
+
+// Input channels one forward launch may read: the CUDA kernel stages all of its weights in
+// shared memory, so past the device's opt-in limit the call is split (the CPU has no limit).
+int64_t cin_per_launch(const ConvCall& c) {
+  int64_t limit = g_smem_limit_override.load();
+#ifdef RLN_FAST_WITH_CUDA
+  if (limit <= 0 && c.w.is_cuda()) {
+    int v = 0;
+    const cudaError_t err =
+        cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, c.w.get_device());
+    RLN_CHECK(err == cudaSuccess, "rln_fast.conv3d: cannot read the device's shared memory limit: ",
+              cudaGetErrorString(err));
+    limit = v;
+  }
+#endif
+  if (limit <= 0) return c.p.Cin;
+  const int64_t n = conv3d_max_cin_per_launch(c.p.Cout, c.w.element_size(), static_cast<size_t>(limit));
+  RLN_CHECK(n > 0, "rln_fast.conv3d: ", limit, " bytes of shared memory per block do not hold even one "
+            "input channel's weights and input tiles (", c.p.Cout, " output channels)");
+  return n;
+}
+
+// The part of c that reads only concatenated input channels [c0, c0 + n): no bias, act or skip.
+ConvCall channel_slice(const ConvCall& c, int64_t c0, int64_t n) {
+  ConvCall s;
+  s.p = c.p;
+  s.p.Cin = n, s.p.n_inputs = 0, s.p.act = kActNone, s.p.has_bias = false, s.p.has_skip = false;
+  for (int i = 0; i < kMaxConvInputs; ++i) s.p.in_channels[i] = 0;
+  int64_t off = 0;
+  for (size_t i = 0; i < c.inputs.size(); ++i) {
+    const int64_t ch = c.p.in_channels[i], lo = std::max(c0, off), hi = std::min(c0 + n, off + ch);
+    if (lo < hi) {
+      s.p.in_channels[s.p.n_inputs++] = hi - lo;
+      s.inputs.push_back(c.inputs[i].narrow(1, lo - off, hi - lo).contiguous());
+    }
+    off += ch;
+  }
+  s.w = c.w.narrow(1, c0, n).contiguous();
+  return s;
+}
+
+// conv + bias of c (before the activation) as the sum of launches over chunks of `per` input
+// channels: the fallback for calls whose weights exceed one block's shared memory.
+at::Tensor chunked_preact(const ConvCall& c, int64_t per) {
+  at::Tensor pre, part, none;
+  for (int64_t c0 = 0; c0 < c.p.Cin; c0 += per) {
+    const ConvCall s = channel_slice(c, c0, std::min(per, c.p.Cin - c0));
+    at::Tensor& dst = pre.defined() ? part : pre;
+    if (!dst.defined()) dst = new_empty({c.p.N, c.p.Cout, c.p.D, c.p.H, c.p.W}, c.w.options());
+    launch_forward(s, dst, none);
+    if (&dst == &part) pre.add_(part);
+  }
+  if (c.b.defined()) pre.add_(c.b.view_symint(c10::fromIntArrayRefUnchecked({1, -1, 1, 1, 1})));
+  return pre;
+}
+
+// softplus as the kernels compute it (common.h): max(x, 0) + log1p(exp(-|x|)).
+at::Tensor softplus_t(const at::Tensor& x) {
+  return x.clamp_min(0) + at::log1p(at::exp(-x.abs()));
+}
+
+// Runs the forward conv of `c` into out (and preact if defined), on c's device.
+void run_forward(const ConvCall& c, at::Tensor& out, at::Tensor& preact) {
+  const int64_t per = cin_per_launch(c);
+  if (c.p.Cin <= per) return launch_forward(c, out, preact);
+  const at::Tensor pre = chunked_preact(c, per);
+  if (preact.defined()) preact.copy_(pre);
+  at::Tensor y = c.p.act == kActSoftplus ? softplus_t(pre) : pre;
+  if (c.p.has_skip) y = y + softplus_t(c.skip);
+  out.copy_(y);
+}
+
 }  // namespace
+
+void set_conv3d_smem_limit(int64_t bytes) {
+  RLN_CHECK(bytes >= 0, "rln_fast._C._set_conv3d_smem_limit: 'bytes' must be >= 0, got ", bytes);
+  g_smem_limit_override.store(bytes);
+}
+
+int64_t max_cin_per_launch(int64_t cout, int64_t elem_size, int64_t smem_limit) {
+  RLN_CHECK(cout > 0 && (elem_size == 4 || elem_size == 8) && smem_limit >= 0,
+            "rln_fast._C.conv3d_max_cin_per_launch: needs cout > 0, elem_size 4 or 8 and "
+            "smem_limit >= 0, got ", cout, ", ", elem_size, ", ", smem_limit);
+  return conv3d_max_cin_per_launch(cout, static_cast<size_t>(elem_size), static_cast<size_t>(smem_limit));
+}
 
 // Returns (out, preact); preact is conv + bias before the activation, saved for backward when
 // asked, else an empty tensor.
@@ -111,10 +203,10 @@ std::vector<at::Tensor> conv3d_forward(const std::vector<at::Tensor>& inputs, co
   ConvCall c = check_conv3d_args(inputs, w, b, act, skip);
   RLN_FAST_DEVICE_GUARD(c.w);
   const auto opts = c.w.options();
-  at::Tensor out = at::empty({c.p.N, c.p.Cout, c.p.D, c.p.H, c.p.W}, opts);
+  at::Tensor out = new_empty({c.p.N, c.p.Cout, c.p.D, c.p.H, c.p.W}, opts);
   at::Tensor preact = save_preact ? at::empty_like(out) : at::Tensor();
   run_forward(c, out, preact);
-  return {out, save_preact ? preact : at::empty({0}, opts)};
+  return {out, save_preact ? preact : new_empty({0}, opts)};
 }
 
 namespace {
@@ -136,8 +228,16 @@ void check_rl_cout(const char* op, const ConvCall& c) {
 
 at::Tensor run_conv3d_rl(const char* op, ConvCall& c, const at::Tensor& a, const ConvRlParams& e) {
   RLN_FAST_DEVICE_GUARD(c.w);
-  at::Tensor out = at::empty({c.p.N, 1, c.p.D, c.p.H, c.p.W}, c.w.options());
-  AT_DISPATCH_FLOATING_TYPES(c.w.scalar_type(), "rln_fast.conv3d_rl", [&] {
+  const int64_t per = cin_per_launch(c);
+  if (c.p.Cin > per) {  // the same epilogue on the channel-chunked conv (see run_forward)
+    const at::Tensor pre = chunked_preact(c, per);
+    at::Tensor m = (c.p.act == kActSoftplus ? softplus_t(pre) : pre).mean(1, true);
+    if (c.p.has_skip) m = m + softplus_t(c.skip);
+    if (e.mode == kEpiDivide) return a * e.scale / (m + e.eps) + e.shift;
+    return a.defined() ? a * (m + e.offset) : m + e.offset;
+  }
+  at::Tensor out = new_empty({c.p.N, 1, c.p.D, c.p.H, c.p.W}, c.w.options());
+  RLN_DISPATCH_FLOATING_TYPES(c.w.scalar_type(), "rln_fast.conv3d_rl", [&] {
     Conv3dPtrs<scalar_t> q = pointers<scalar_t>(c);
     q.out = out.data_ptr<scalar_t>();
     if (out.is_cuda()) {
@@ -208,7 +308,7 @@ std::vector<at::Tensor> conv3d_backward(const at::Tensor& dy, const std::vector<
   const bool need_skip = need[n_in + 2] && c.p.has_skip;
   at::Tensor dz = at::empty_like(g);
   at::Tensor dskip = need_skip ? at::empty_like(c.skip) : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES(c.w.scalar_type(), "rln_fast.conv3d_backward", [&] {
+  RLN_DISPATCH_FLOATING_TYPES(c.w.scalar_type(), "rln_fast.conv3d_backward", [&] {
     const scalar_t* pp = pre.defined() ? pre.data_ptr<scalar_t>() : nullptr;
     const scalar_t* sk = c.skip.defined() ? c.skip.data_ptr<scalar_t>() : nullptr;
     scalar_t* ds = need_skip ? dskip.data_ptr<scalar_t>() : nullptr;
@@ -236,7 +336,7 @@ std::vector<at::Tensor> conv3d_backward(const at::Tensor& dy, const std::vector<
     t.p.act = kActNone, t.p.has_bias = false, t.p.has_skip = false;
     t.inputs = {dz};
     t.w = c.w.transpose(0, 1).flip({2, 3, 4}).contiguous();
-    at::Tensor dx = at::empty({c.p.N, c.p.Cin, c.p.D, c.p.H, c.p.W}, opts), none;
+    at::Tensor dx = new_empty({c.p.N, c.p.Cin, c.p.D, c.p.H, c.p.W}, opts), none;
     run_forward(t, dx, none);
     int64_t off = 0;
     for (size_t i = 0; i < n_in; ++i) {
@@ -248,11 +348,11 @@ std::vector<at::Tensor> conv3d_backward(const at::Tensor& dy, const std::vector<
   }
   if (need[n_in]) {
     at::Tensor dw = at::empty_like(c.w);
-    AT_DISPATCH_FLOATING_TYPES(c.w.scalar_type(), "rln_fast.conv3d_wgrad", [&] {
+    RLN_DISPATCH_FLOATING_TYPES(c.w.scalar_type(), "rln_fast.conv3d_wgrad", [&] {
       const Conv3dPtrs<scalar_t> q = pointers<scalar_t>(c);
       if (dz.is_cuda()) {
 #ifdef RLN_FAST_WITH_CUDA
-        at::Tensor ws = at::empty({static_cast<int64_t>(cuda::conv3d_wgrad_workspace<scalar_t>(c.p))},
+        at::Tensor ws = new_empty({static_cast<int64_t>(cuda::conv3d_wgrad_workspace<scalar_t>(c.p))},
                                   opts);
         check_launch(cuda::launch_conv3d_wgrad(c.p, q, dz.data_ptr<scalar_t>(),
                                              dw.data_ptr<scalar_t>(), ws.data_ptr<scalar_t>(),
@@ -268,7 +368,7 @@ std::vector<at::Tensor> conv3d_backward(const at::Tensor& dy, const std::vector<
   if (need[n_in + 1] && c.p.has_bias) grads[n_in + 1] = dz.sum({0, 2, 3, 4});
   if (need_skip) grads[n_in + 2] = dskip;
   for (auto& t : grads)
-    if (!t.defined()) t = at::empty({0}, opts);
+    if (!t.defined()) t = new_empty({0}, opts);
   return grads;
 }
 

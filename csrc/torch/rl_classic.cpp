@@ -13,7 +13,6 @@
 
 #ifdef RLN_FAST_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 
 #include "rln_fast/kernels_cuda.h"
 #endif
@@ -182,7 +181,7 @@ at::Tensor rl_ratio_forward(const at::Tensor& image, const at::Tensor& blurred, 
   p.d = image.size(2), p.h = image.size(3), p.w = image.size(4);
   p.background = background, p.eps = eps;
   if (o.numel() == 0) return o;
-  AT_DISPATCH_FLOATING_TYPES(blurred.scalar_type(), "rln_fast.rl_ratio", [&] {
+  RLN_DISPATCH_FLOATING_TYPES(blurred.scalar_type(), "rln_fast.rl_ratio", [&] {
     if (blurred.is_cuda()) {
 #ifdef RLN_FAST_WITH_CUDA
       check_launch(cuda::launch_rl_ratio_forward(p, ic.data_ptr<scalar_t>(), bc.data_ptr<scalar_t>(),
@@ -222,12 +221,12 @@ std::vector<at::Tensor> rl_update_forward(const at::Tensor& estimate, const at::
   const bool in_place = out.has_value() && out->is_same(correction);
   const at::Tensor cc = in_place ? correction : correction.contiguous();
   at::Tensor o = out.has_value() ? *out : at::empty_like(ec, at::MemoryFormat::Contiguous);
-  at::Tensor dots = at::zeros({2}, estimate.options().dtype(at::kDouble));
+  at::Tensor dots = new_zeros({2}, estimate.options().dtype(at::kDouble));
   if (o.numel() == 0) return {o, dots};
-  AT_DISPATCH_FLOATING_TYPES(estimate.scalar_type(), "rln_fast.rl_update", [&] {
+  RLN_DISPATCH_FLOATING_TYPES(estimate.scalar_type(), "rln_fast.rl_update", [&] {
     if (estimate.is_cuda()) {
 #ifdef RLN_FAST_WITH_CUDA
-      at::Tensor ws = at::empty({int64_t(cuda::rl_update_workspace())}, dots.options());
+      at::Tensor ws = new_empty({int64_t(cuda::rl_update_workspace())}, dots.options());
       check_launch(cuda::launch_rl_update_forward(
                        p, ec.data_ptr<scalar_t>(), cc.data_ptr<scalar_t>(), o.data_ptr<scalar_t>(),
                        opt_ptr<scalar_t>(previous), opt_ptr<scalar_t>(change),
@@ -292,7 +291,7 @@ at::Tensor psf_conv_ratio_forward(const at::Tensor& image, const at::Tensor& est
   const at::Tensor ic = image.contiguous(), ec = estimate.contiguous(), kc = psf.contiguous();
   at::Tensor o = at::empty_like(ic, at::MemoryFormat::Contiguous);
   if (o.numel() == 0) return o;
-  AT_DISPATCH_FLOATING_TYPES(estimate.scalar_type(), "rln_fast.psf_conv_ratio", [&] {
+  RLN_DISPATCH_FLOATING_TYPES(estimate.scalar_type(), "rln_fast.psf_conv_ratio", [&] {
     if (estimate.is_cuda()) {
 #ifdef RLN_FAST_WITH_CUDA
       check_launch(cuda::launch_psf_conv_ratio_forward(
@@ -335,12 +334,12 @@ std::vector<at::Tensor> psf_conv_update_forward(const at::Tensor& estimate, cons
   p.tv = tv, p.tv_eps = tv_eps, p.clamp_min = clamp_min;
   const at::Tensor ec = estimate.contiguous(), rc = ratio.contiguous(), kc = psf.contiguous();
   at::Tensor o = out.has_value() ? *out : at::empty_like(ec, at::MemoryFormat::Contiguous);
-  at::Tensor dots = at::zeros({2}, estimate.options().dtype(at::kDouble));
+  at::Tensor dots = new_zeros({2}, estimate.options().dtype(at::kDouble));
   if (o.numel() == 0) return {o, dots};
-  AT_DISPATCH_FLOATING_TYPES(estimate.scalar_type(), "rln_fast.psf_conv_update", [&] {
+  RLN_DISPATCH_FLOATING_TYPES(estimate.scalar_type(), "rln_fast.psf_conv_update", [&] {
     if (estimate.is_cuda()) {
 #ifdef RLN_FAST_WITH_CUDA
-      at::Tensor ws = at::empty({int64_t(cuda::rl_update_workspace())}, dots.options());
+      at::Tensor ws = new_empty({int64_t(cuda::rl_update_workspace())}, dots.options());
       check_launch(cuda::launch_psf_conv_update_forward(
                        c, p, ec.data_ptr<scalar_t>(), rc.data_ptr<scalar_t>(),
                        kc.data_ptr<scalar_t>(), o.data_ptr<scalar_t>(), opt_ptr<scalar_t>(previous),

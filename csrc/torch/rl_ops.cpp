@@ -8,7 +8,6 @@
 
 #ifdef RLN_FAST_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 
 #include "rln_fast/kernels_cuda.h"
 #endif
@@ -46,7 +45,7 @@ at::Tensor rl_divide_forward(const at::Tensor& x, const at::Tensor& fp, double e
   RLN_FAST_DEVICE_GUARD(x);
   const at::Tensor xc = x.contiguous(), fc = fp.contiguous();
   at::Tensor out = at::empty_like(xc);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rln_fast.rl_divide", [&] {
+  RLN_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rln_fast.rl_divide", [&] {
     if (x.is_cuda()) {
 #ifdef RLN_FAST_WITH_CUDA
       check_launch(cuda::launch_rl_divide_forward(p, xc.data_ptr<scalar_t>(), fc.data_ptr<scalar_t>(),
@@ -75,7 +74,7 @@ std::vector<at::Tensor> rl_divide_backward(const at::Tensor& dy, const at::Tenso
   const at::Tensor g = dy.contiguous(), xc = x.contiguous(), fc = fp.contiguous();
   at::Tensor dx = need_x ? at::empty_like(xc) : at::Tensor();
   at::Tensor dfp = need_fp ? at::empty_like(fc) : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rln_fast.rl_divide_backward", [&] {
+  RLN_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rln_fast.rl_divide_backward", [&] {
     if (x.is_cuda()) {
 #ifdef RLN_FAST_WITH_CUDA
       check_launch(cuda::launch_rl_divide_backward(
@@ -90,7 +89,7 @@ std::vector<at::Tensor> rl_divide_backward(const at::Tensor& dy, const at::Tenso
                               ptr_or_null<scalar_t>(dfp));
     }
   });
-  const auto empty = at::empty({0}, x.options());
+  const auto empty = new_empty({0}, x.options());
   return {need_x ? dx : empty, need_fp ? dfp : empty};
 }
 
@@ -101,7 +100,7 @@ at::Tensor rl_multiply_forward(const at::Tensor& e, const at::Tensor& bp, double
   RLN_FAST_DEVICE_GUARD(e);
   const at::Tensor ec = e.contiguous(), bc = bp.contiguous();
   at::Tensor out = at::empty_like(ec);
-  AT_DISPATCH_FLOATING_TYPES(e.scalar_type(), "rln_fast.rl_multiply", [&] {
+  RLN_DISPATCH_FLOATING_TYPES(e.scalar_type(), "rln_fast.rl_multiply", [&] {
     if (e.is_cuda()) {
 #ifdef RLN_FAST_WITH_CUDA
       check_launch(cuda::launch_rl_multiply_forward(p, ec.data_ptr<scalar_t>(),
@@ -130,7 +129,7 @@ std::vector<at::Tensor> rl_multiply_backward(const at::Tensor& dy, const at::Ten
   const at::Tensor g = dy.contiguous(), ec = e.contiguous(), bc = bp.contiguous();
   at::Tensor de = need_e ? at::empty_like(ec) : at::Tensor();
   at::Tensor dbp = need_bp ? at::empty_like(bc) : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES(e.scalar_type(), "rln_fast.rl_multiply_backward", [&] {
+  RLN_DISPATCH_FLOATING_TYPES(e.scalar_type(), "rln_fast.rl_multiply_backward", [&] {
     if (e.is_cuda()) {
 #ifdef RLN_FAST_WITH_CUDA
       check_launch(cuda::launch_rl_multiply_backward(
@@ -145,7 +144,7 @@ std::vector<at::Tensor> rl_multiply_backward(const at::Tensor& dy, const at::Ten
                                 ptr_or_null<scalar_t>(dbp));
     }
   });
-  const auto empty = at::empty({0}, e.options());
+  const auto empty = new_empty({0}, e.options());
   return {need_e ? de : empty, need_bp ? dbp : empty};
 }
 

@@ -106,6 +106,15 @@ def _output_padding(x: torch.Tensor) -> tuple[int, int, int]:
     return (x.shape[2] % 2, x.shape[3] % 2, x.shape[4] % 2)
 
 
+def _up2(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+         output_padding: tuple[int, int, int]) -> torch.Tensor:
+    """e7, the stride-2 transposed conv, in the model's dtype even under torch.autocast: a
+    float32 island, since the rln_fast ops around it take float32 or float64 only (they cast
+    autocast's half inputs back to float32, which would only add rounding here)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return F.conv_transpose3d(x, w, b, stride=2, output_padding=output_padding)
+
+
 def _mean_c(t: torch.Tensor) -> torch.Tensor:
     return t.mean(dim=1, keepdim=True)
 
@@ -224,7 +233,7 @@ class RLN(nn.Module):
         b1 = self._bsp("bn_e4", conv(r1, self.e4))
         b2 = self._bsp("bn_e5", conv(b1, self.e5))
         b3 = self._bsp("bn_e6", conv([b2, b1], self.e6))
-        up = F.conv_transpose3d(b3, self.e7, stride=2, output_padding=_output_padding(x))
+        up = _up2(b3, self.e7, None, _output_padding(x))
         if up.shape[2:] != x.shape[2:]:
             raise RuntimeError(f"RLN: e7 produced {tuple(up.shape)} for input {tuple(x.shape)}")
         up = self._bsp("bn_e7", up)
@@ -532,8 +541,7 @@ class FusedRLN(nn.Module):
         def e1pre_slab(lo: int, hi: int) -> torch.Tensor:
             # up planes [lo, hi) come from b3 planes [lo/2, ceil(hi/2)); lo is even.
             pad_z = 1 if (hi == D and D % 2) else 0
-            up = _softplus(F.conv_transpose3d(b3[:, :, lo // 2:hi // 2], self.w_e7, self.b_e7,
-                                              stride=2, output_padding=(pad_z, oh, ow)))
+            up = _softplus(_up2(b3[:, :, lo // 2:hi // 2], self.w_e7, self.b_e7, (pad_z, oh, ow)))
             return ops.conv3d_rl_multiply(up, self.w_e8, self.b_e8, "softplus", x[:, :, lo:hi], 0.0)
 
         e1 = self._run_slabs(torch.empty_like(x), slabs, 2, e1pre_slab)
@@ -587,8 +595,7 @@ class FusedRLN(nn.Module):
         b2 = self._conv_sp(b1, "e5")
         b3 = self._conv_sp([b2, b1], "e6")
         # On an odd side the last plane gets no taps: it is the folded bias, i.e. BN(0).
-        up = _softplus(F.conv_transpose3d(b3, self.w_e7, self.b_e7, stride=2,
-                                          output_padding=_output_padding(x)))
+        up = _softplus(_up2(b3, self.w_e7, self.b_e7, _output_padding(x)))
         e1pre, j1 = self._bp_multiply(up, "e8", x, 0.0, want)
         e1 = _softplus(self.t2[0] * e1pre + self.t2[1])
 

@@ -33,9 +33,11 @@ def _check(inputs, weight, bias, act, skip) -> None:
         torch._check(t.dtype in (torch.float32, torch.float64),
                      lambda i=i, t=t: f"rln_fast.conv3d: 'inputs[{i}]' must be float32 or float64, got {t.dtype}")
     cin = sum(t.shape[1] for t in inputs)
+    torch._check(cin > 0, lambda: "rln_fast.conv3d: the inputs must have at least 1 channel in all, got 0")
     torch._check(weight.dim() == 5, lambda: f"rln_fast.conv3d: 'weight' must be 5-D (Cout, Cin, 3, 3, 3), got {weight.dim()}-D")
     torch._check(tuple(weight.shape[2:]) == (3, 3, 3),
                  lambda: f"rln_fast.conv3d: 'weight' must have a 3x3x3 kernel, got {'x'.join(map(str, weight.shape[2:]))}")
+    torch._check(weight.shape[0] > 0, lambda: "rln_fast.conv3d: 'weight' must have at least 1 output channel, got 0")
     torch._check(weight.shape[1] == cin,
                  lambda: f"rln_fast.conv3d: 'weight' expects {weight.shape[1]} input channels, but the inputs have {cin} channels in all")
     torch._check(act in (0, 1), lambda: f"rln_fast.conv3d: 'act' must be 0 (none) or 1 (softplus), got {act}")
@@ -102,6 +104,7 @@ def _backward(ctx, grad_out, _grad_preact):
 
 
 _conv3d.register_autograd(_backward, setup_context=_setup_context)
+_backend.register_float32_autocast("rln_fast::conv3d", "rln_fast::conv3d_backward")
 
 
 def _as_inputs(op: str, inputs, act: str) -> list[torch.Tensor]:
@@ -127,6 +130,10 @@ def conv3d(
         concatenation (no copy is made); weight [Cout, sum Ci, 3, 3, 3]; bias [Cout] or None;
         act: "none" or "softplus"; skip [N, 1, D, H, W] adds softplus(skip) to every output
         channel after the activation. Returns [N, Cout, D, H, W].
+
+    float32 or float64, at least one input and one output channel. Under torch.autocast,
+    float16/bfloat16 inputs are cast to float32. On CUDA, a call whose weights exceed one
+    block's shared memory runs as several launches over chunks of input channels.
     """
     inputs = _as_inputs("conv3d", inputs, act)
     if _backend.use_reference("conv3d", inputs[0].device):

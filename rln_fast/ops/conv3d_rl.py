@@ -53,6 +53,9 @@ def _(inputs, weight, bias, act, e, offset):
     return x0.new_empty((x0.shape[0], 1, *x0.shape[2:]))
 
 
+_backend.register_float32_autocast("rln_fast::conv3d_rl_divide", "rln_fast::conv3d_rl_multiply")
+
+
 def _prepare(op: str, inputs, act: str, tensors) -> list[torch.Tensor]:
     inputs = _as_inputs(op, inputs, act)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*inputs, *tensors)):

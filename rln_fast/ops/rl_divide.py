@@ -57,6 +57,7 @@ def _backward(ctx, grad_out):
 
 
 _rl_divide.register_autograd(_backward, setup_context=_setup_context)
+_backend.register_float32_autocast("rln_fast::rl_divide", "rln_fast::rl_divide_backward")
 
 
 def rl_divide(

@@ -51,6 +51,7 @@ def _backward(ctx, grad_out):
 
 
 _rl_multiply.register_autograd(_backward, setup_context=_setup_context)
+_backend.register_float32_autocast("rln_fast::rl_multiply", "rln_fast::rl_multiply_backward")
 
 
 def rl_multiply(

@@ -1,6 +1,8 @@
 // conv3d: parameters and per-voxel math of the fused 3x3x3 conv (multi-input, bias, softplus, skip).
 #pragma once
 
+#include <cstddef>
+
 #include "rln_fast/common.h"
 
 namespace rln_fast {
@@ -8,6 +10,7 @@ namespace rln_fast {
 constexpr int kMaxConvInputs = 4;  // RLN concatenates at most 3 tensors
 constexpr int kConvK = 3;          // kernel side
 constexpr int kConvTaps = 27;      // kConvK^3
+constexpr int kConvBlockX = 32, kConvBlockY = 8;  // CUDA forward block: 32 x 8 (y, x) columns
 
 // Geometry of one conv3d call. Inputs are several NCDHW tensors read as one channel-concatenated
 // tensor, so RLN's torch.cat never happens.
@@ -29,6 +32,35 @@ struct Conv3dPtrs {
   T* out = nullptr;           // [N, Cout, D, H, W]
   T* preact = nullptr;        // [N, Cout, D, H, W] conv + bias before act, or null (not saved)
 };
+
+// The CUDA forward's register tile: each thread computes `zt` voxels along z for `cot` output
+// channels. float64 takes half the z-depth of float32 so its accumulators fit the 128 registers
+// that two resident 256-thread blocks leave each thread (no spills).
+struct ConvTile {
+  int cot, zt;
+};
+
+constexpr ConvTile conv3d_forward_tile(int64_t cout, size_t elem_size) {
+  return elem_size > 4 ? (cout <= 4 ? ConvTile{4, 8} : ConvTile{8, 4})
+                       : (cout <= 4 ? ConvTile{4, 16} : ConvTile{8, 8});
+}
+
+// Shared memory of one CUDA forward block: the weights [cin][27][cot] and two input tiles
+// (32 x 8 columns plus a one-voxel halo, zt + 2 planes deep).
+constexpr size_t conv3d_forward_smem_bytes(int64_t cin, ConvTile t, size_t elem_size) {
+  return elem_size * (static_cast<size_t>(cin) * kConvTaps * static_cast<size_t>(t.cot) +
+                      2 * static_cast<size_t>(t.zt + 2) * (kConvBlockY + 2) * (kConvBlockX + 2));
+}
+
+// The most input channels one forward launch may read within smem_limit bytes per block (0 when
+// not even one fits). Calls with more run as several launches over chunks of input channels
+// whose pre-activations are summed (the host-side fallback in csrc/torch/conv3d.cpp).
+constexpr int64_t conv3d_max_cin_per_launch(int64_t cout, size_t elem_size, size_t smem_limit) {
+  const ConvTile t = conv3d_forward_tile(cout, elem_size);
+  const size_t fixed = conv3d_forward_smem_bytes(0, t, elem_size);
+  const size_t per_channel = conv3d_forward_smem_bytes(1, t, elem_size) - fixed;
+  return smem_limit < fixed ? 0 : static_cast<int64_t>((smem_limit - fixed) / per_channel);
+}
 
 // Value of concatenated input channel ci at (n, z, y, x), zero outside the volume.
 template <typename T>
