@@ -11,7 +11,7 @@ Sections, in order (--skip drops some; compile is optional and last):
   rln          FusedRLN vs plain PyTorch eager fp32 and TF32 (time, Gvox/s, peak bytes/voxel)
   deconvolve   rln_deconvolve on a large volume (time, Gvox/s, peak bytes/voxel, max error vs
                the CPU result on a crop)
-  rl           one Richardson-Lucy iteration: default path (Bertero + Biggs) and periodic path
+  rl           one Richardson-Lucy iteration: default path (Bertero + scaled heavy ball, auto background) and periodic path
                vs its four FFTs, plain torch and CuPy (skipped with a reason when absent)
   train        one training step (forward + loss + backward + Adam) vs plain PyTorch fp32, TF32
   compile      torch.compile of the plain RLN, fp32 and TF32, vs FusedRLN
