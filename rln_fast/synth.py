@@ -1,5 +1,8 @@
 """Synthetic RLN training data: the official phantom recipe (DESIGN "Synthetic data"), seeded.
 
+Also, as options not in the official recipe: ``microscopy_pair`` (``recipe="microscopy"``,
+data that look like real stacks) and ``recipe="mixed"`` (see the end of this module).
+
 A phantom is drawn in three stages, each a pure function of ``seed``:
 
 1. ``phantom_params(shape, seed)`` draws every shape's position, size and intensity with
