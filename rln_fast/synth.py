@@ -1,5 +1,8 @@
 """Synthetic RLN training data: the official phantom recipe (DESIGN "Synthetic data"), seeded.
 
+Also, as options not in the official recipe: ``microscopy_pair`` (``recipe="microscopy"``,
+data that look like real stacks) and ``recipe="mixed"`` (see the end of this module).
+
 A phantom is drawn in three stages, each a pure function of ``seed``:
 
 1. ``phantom_params(shape, seed)`` draws every shape's position, size and intensity with
@@ -37,7 +40,14 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["FAMILIES", "phantom_params", "phantom", "phantom_pair", "simulate_input", "write_pairs"]
+__all__ = [
+    "FAMILIES", "RECIPES", "phantom_params", "phantom", "phantom_pair", "simulate_input", "write_pairs",
+    "microscopy_object", "microscopy_pair",
+]
+
+# "official": the recipe above. "microscopy": microscopy_pair (cells, nuclei, filaments, haze,
+# uneven background, camera). "mixed": even seeds official, odd seeds microscopy.
+RECIPES = ("official", "microscopy", "mixed")
 
 # (family, count) in drawing and rasterising order.
 FAMILIES: tuple[tuple[str, int], ...] = (
@@ -380,16 +390,24 @@ def phantom_pair(
     *,
     scale: float = PHOTON_SCALE,
     read_noise: float = READ_NOISE,
+    recipe: str = "official",
 ) -> tuple[np.ndarray, np.ndarray]:
     """One training pair (gt, raw), both float32 numpy (z, y, x) of ``shape``.
+
+    recipe: "official" (default, described here), "microscopy" (``microscopy_pair``; scale
+    and read_noise are then ignored) or "mixed" (official for even seeds, microscopy for odd).
 
     gt: ``phantom(shape, seed)`` blurred by the 5³ Gaussian (σ 0.7 voxel, sum 1, zero
     padding), computed in float64 on ``device``. raw: ``simulate_input(gt, psf, seed)``,
     at the ×``scale`` intensity scale. psf: numpy/torch array (z, y, x) sampled at the
     phantom's voxel size. The same seed gives the same pair on every device.
     """
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
     shape_t = _check_shape(shape)
     seed = _check_seed(seed)
+    if recipe == "microscopy" or (recipe == "mixed" and seed % 2 == 1):
+        return microscopy_pair(psf, shape_t, seed, device)
     psf_arr = _as_psf(psf)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     gt = _blur(torch.from_numpy(phantom(shape_t, seed)).to(device=dev, dtype=torch.float64))
@@ -419,10 +437,11 @@ def write_pairs(
     device: str | torch.device | None = None,
     progress: bool = True,
     skip_existing: bool = False,
+    recipe: str = "official",
 ) -> list[tuple[Path, Path]]:
     """Write n pairs as ``out_dir/gt/NNN.tif`` and ``out_dir/input/NNN.tif`` (float32 TIFF).
 
-    Pair i is ``phantom_pair(psf, shape, seed + i, device)``. Each file is written to a
+    Pair i is ``phantom_pair(psf, shape, seed + i, device, recipe=recipe)``. Each file is written to a
     temporary name and renamed, so a killed run never leaves a partial TIFF. skip_existing:
     keep pairs whose two files are both there (a rerun of a killed run finishes it; pair i
     only depends on seed + i). Returns the (gt, input) paths.
@@ -430,6 +449,8 @@ def write_pairs(
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
         raise ValueError(f"n must be a non-negative integer, got {n!r}")
     seed = _check_seed(seed)
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
     out = Path(out_dir)
     (out / "gt").mkdir(parents=True, exist_ok=True)
     (out / "input").mkdir(parents=True, exist_ok=True)
@@ -445,8 +466,173 @@ def write_pairs(
         if skip_existing and (out / "gt" / name).is_file() and (out / "input" / name).is_file():
             paths.append((out / "gt" / name, out / "input" / name))
             continue
-        gt, raw = phantom_pair(psf, shape, seed + i, device)
+        gt, raw = phantom_pair(psf, shape, seed + i, device, recipe=recipe)
         _atomic_imwrite(out / "gt" / name, gt)
         _atomic_imwrite(out / "input" / name, raw)
         paths.append((out / "gt" / name, out / "input" / name))
     return paths
+
+
+# --------------------------------------------------------------------------- microscopy recipe
+#
+# Not part of the official recipe: training data that look like widefield/confocal stacks.
+# Every range below is drawn from numpy.random.default_rng(seed) in the order written.
+
+MICRO_NUCLEI = (2, 7)  # textured ellipsoids per volume (nucleus/cell size), inclusive
+MICRO_RADIUS = (8.0, 40.0)  # their lateral semi-axes, voxels
+MICRO_Z_RATIO = (0.35, 0.8)  # z semi-axis / lateral semi-axis (z voxels are coarser)
+MICRO_FILAMENTS = (0, 30)  # filaments per volume, inclusive
+MICRO_PUNCTA = (0, 300)  # small spots per volume, inclusive
+MICRO_PHOTONS = (30.0, 3000.0)  # peak photons of the blurred object, log-uniform
+MICRO_BACKGROUND = (0.0, 0.15)  # mean of the uneven background, fraction of the peak
+MICRO_OFFSET = (0.0, 500.0)  # camera offset (ADU), uniform
+MICRO_GAIN = (0.5, 4.0)  # ADU per photon, log-uniform
+MICRO_READ_NOISE = (0.5, 8.0)  # read noise (ADU, sd), uniform
+
+
+def _gauss(vol: np.ndarray, sigma: Any) -> np.ndarray:
+    """Circular Gaussian blur (σ per axis, voxels) by FFT, float32."""
+    sig = np.broadcast_to(np.asarray(sigma, dtype=np.float64), (3,))
+    t = torch.from_numpy(np.ascontiguousarray(vol, dtype=np.float32))
+    freqs = [torch.fft.fftfreq(n, dtype=torch.float64) for n in vol.shape[:2]]
+    freqs.append(torch.fft.rfftfreq(vol.shape[2], dtype=torch.float64))
+    h = None
+    for a, f in enumerate(freqs):
+        g = torch.exp(-2.0 * (np.pi * sig[a] * f) ** 2).to(torch.float32)
+        g = g.view([-1 if i == a else 1 for i in range(3)])
+        h = g if h is None else h * g
+    return torch.fft.irfftn(torch.fft.rfftn(t) * h, s=vol.shape).numpy()
+
+
+def _log_uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
+    return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+
+
+def microscopy_object(shape: Sequence[int], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(object, background) float32 (z, y, x), values >= 0, object maximum 1: a pure function of seed.
+
+    object: 2-7 textured, soft-edged ellipsoids of nucleus/cell size (lateral semi-axes
+    8-40 voxels, rotated in the (y, x) plane; some hollow, as nuclear envelopes or
+    membranes), each with its own brightness and a smooth random texture (dark and bright
+    domains 1-4 voxels across); 0-30 filaments (smooth random curves ~2 voxels thick);
+    0-300 puncta (Gaussian spots). background: a smooth, uneven field (features tens of
+    voxels across) with a mean of 0-0.15 of the object's maximum. Objects may lie partly
+    outside the volume.
+    """
+    shape_t = tuple(int(s) for s in shape)
+    if len(shape_t) != 3 or min(shape_t) < 8:
+        raise ValueError(f"shape must be 3 integers >= 8 (z, y, x), got {shape!r}")
+    rng = np.random.default_rng(_check_seed(seed))
+    nz, ny, nx = shape_t
+    obj = np.zeros(shape_t, np.float32)
+    # Textures shared by the volume's ellipsoids (each samples its own part of them).
+    tex = []
+    for sigma in (rng.uniform(1.0, 2.0), rng.uniform(2.0, 4.0)):
+        t = _gauss(rng.standard_normal(shape_t).astype(np.float32), sigma)
+        tex.append(t / max(float(t.std()), 1e-12))
+    for _ in range(int(rng.integers(MICRO_NUCLEI[0], MICRO_NUCLEI[1] + 1))):
+        r = rng.uniform(*MICRO_RADIUS)
+        axes = np.array([r * rng.uniform(*MICRO_Z_RATIO), r, r * rng.uniform(0.6, 1.0)])
+        centre = np.array([rng.uniform(-0.2, 1.2) * nz, rng.uniform(0, ny), rng.uniform(0, nx)])
+        theta = rng.uniform(0, np.pi)
+        brightness = rng.uniform(0.25, 1.0)
+        hollow = rng.uniform() < 0.25
+        contrast = rng.uniform(0.2, 0.8)
+        mix = rng.uniform()
+        edge = rng.uniform(0.7, 2.0)
+        lo = np.maximum(np.floor(centre - axes - 3).astype(int), 0)
+        hi = np.minimum(np.ceil(centre + axes + 4).astype(int), shape_t)
+        if np.any(hi <= lo):
+            continue
+        z, y, x = (np.arange(lo[a], hi[a], dtype=np.float32) - centre[a] for a in range(3))
+        z, y, x = z[:, None, None], y[None, :, None], x[None, None, :]
+        c, s = np.cos(theta), np.sin(theta)
+        u, v = c * y + s * x, -s * y + c * x
+        rho = np.sqrt((z / axes[0]) ** 2 + (u / axes[1]) ** 2 + (v / axes[2]) ** 2)
+        depth = (1.0 - rho) * axes[1]  # ~voxels inside the surface
+        if hollow:
+            mask = np.exp(-0.5 * (depth / max(edge, 1.0)) ** 2)
+        else:
+            mask = 1.0 / (1.0 + np.exp(-np.clip(depth / edge, -30, 30)))
+        sl = tuple(slice(lo[a], hi[a]) for a in range(3))
+        texture = mix * tex[0][sl] + (1 - mix) * tex[1][sl]
+        val = brightness * mask * np.clip(1.0 + contrast * texture, 0.0, None)
+        np.maximum(obj[sl], val.astype(np.float32), out=obj[sl])
+    # Filaments: smooth random walks splatted into the grid, then thickened.
+    fil = np.zeros(shape_t, np.float32)
+    for _ in range(int(rng.integers(MICRO_FILAMENTS[0], MICRO_FILAMENTS[1] + 1))):
+        n = int(rng.integers(40, 400))
+        p = np.array([rng.uniform(0, nz), rng.uniform(0, ny), rng.uniform(0, nx)])
+        d = rng.standard_normal(3)
+        d[0] *= 0.4  # mostly lateral, as in a cell
+        turns = rng.standard_normal((n, 3)) * rng.uniform(0.05, 0.3)
+        brightness = rng.uniform(0.2, 1.0)
+        pts = np.empty((n, 3))
+        for i in range(n):
+            d = d / max(np.linalg.norm(d), 1e-12)
+            p = p + 0.5 * d
+            pts[i] = p
+            d = d + turns[i]
+        idx = np.round(pts).astype(int) % np.array(shape_t)
+        np.add.at(fil, (idx[:, 0], idx[:, 1], idx[:, 2]), brightness)
+    if fil.any():
+        fil = _gauss(fil, 0.8)
+        fil *= 1.0 / 0.5  # a straight line at 2 points/voxel peaks near 2/(2π·0.8²) ≈ 0.5
+    # Puncta: points blurred into spots.
+    dots = np.zeros(shape_t, np.float32)
+    m = int(rng.integers(MICRO_PUNCTA[0], MICRO_PUNCTA[1] + 1))
+    if m:
+        idx = np.stack([rng.integers(0, s, size=m) for s in shape_t], axis=1)
+        np.add.at(dots, (idx[:, 0], idx[:, 1], idx[:, 2]), rng.uniform(0.1, 1.0, size=m).astype(np.float32))
+        dots = _gauss(dots, 0.9) / 0.0871  # a point peaks at (2π·0.9²)^-1.5 ≈ 0.0871
+    obj = np.maximum(obj, np.maximum(fil, dots))
+    obj /= max(float(obj.max()), 1e-12)
+    # Uneven background: smooth noise (features tens of voxels across), made positive.
+    field = _gauss(rng.standard_normal(shape_t).astype(np.float32), (6.0, 12.0, 12.0))
+    field = np.exp(rng.uniform(0.1, 0.6) * field / max(float(field.std()), 1e-12))
+    background = field * (rng.uniform(*MICRO_BACKGROUND) / float(field.mean()))
+    return obj.astype(np.float32), background.astype(np.float32)
+
+
+def microscopy_pair(
+    psf: Any,
+    shape: Sequence[int] = (128, 128, 128),
+    seed: int = 0,
+    device: str | torch.device | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A training pair (gt, raw) that looks like a microscope stack; float32 numpy (z, y, x).
+
+    The object and background (``microscopy_object``) are drawn taller than ``shape`` by
+    the PSF's axial half-size above and below, so that objects outside the volume send
+    out-of-focus haze into it. With P the peak photons (log-uniform 30-3000):
+    gt = P·(object + background) blurred by the recipe's 5³ Gaussian, cropped to ``shape``;
+    raw = gain·Poisson(P·(object ⊛ psf) + P·background) + offset + N(0, read²), cropped,
+    clipped at 0, with gain log-uniform 0.5-4 ADU/photon, offset 0-500 ADU, read noise
+    0.5-8 ADU. The convolution is circular over the tall volume (float64 FFT on
+    ``device``); noise comes from a CPU generator seeded with ``seed``.
+    """
+    shape_t = _check_shape(shape)
+    seed = _check_seed(seed)
+    psf_arr = _as_psf(psf)
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    margin = psf_arr.shape[0] // 2
+    tall = (shape_t[0] + 2 * margin, shape_t[1], shape_t[2])
+    obj, bg = microscopy_object(tall, seed)
+    rng = np.random.default_rng([seed, 1])  # camera draws, independent of the object's stream
+    photons = _log_uniform(rng, *MICRO_PHOTONS)
+    gain = _log_uniform(rng, *MICRO_GAIN)
+    offset = rng.uniform(*MICRO_OFFSET)
+    read = rng.uniform(*MICRO_READ_NOISE)
+    o = torch.from_numpy(obj).to(device=dev, dtype=torch.float64)
+    kernel = np.fft.ifftshift(_align_psf(psf_arr, tall))
+    otf = torch.fft.rfftn(torch.from_numpy(kernel).to(dev))
+    b = torch.fft.irfftn(torch.fft.rfftn(o) * otf, s=tall).clamp_min(0.0)
+    k = photons / max(float(b.max()), 1e-12)
+    crop = slice(margin, margin + shape_t[0])
+    b = (b[crop] + torch.from_numpy(bg[crop]).to(dev, torch.float64)) * k
+    gt = _blur((o[crop] + torch.from_numpy(bg[crop]).to(dev, torch.float64)) * k)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    counts = torch.poisson(b.cpu(), generator=gen)
+    noise = torch.randn(shape_t, generator=gen, dtype=torch.float64) * read
+    raw = (gain * counts + offset + noise).clamp_min(0.0)
+    return gt.cpu().numpy().astype(np.float32), raw.numpy().astype(np.float32)

@@ -71,11 +71,17 @@ class TrainConfig:
     the last ``n_val`` pairs (sorted by name) are held out for validation. Without
     ``data_dir``, ``n_volumes`` pairs are generated on the fly with
     ``synth.phantom_pair(psf, phantom_shape, data_seed + i)`` and ``n_val`` validation
-    pairs with seeds ``val_seed + j``. ``psf``: array (z, y, x) or TIFF path at the
+    pairs with seeds ``val_seed + j``, with the ``recipe`` of ``synth.phantom_pair``
+    ("official", "microscopy" or "mixed"; validation pairs use the same recipe). ``psf``: array (z, y, x) or TIFF path at the
     phantom's voxel size; None gives a Gaussian PSF, σ (z, y, x) = (2, 1, 1) voxels,
     15³ (``default_psf()``).
 
-    Model: ``gradients="paper"`` and ``bn="official"`` reproduce the released training
+    Normalisation: ``norm_scope="crop"`` (the recipe) normalises each crop by its own
+    percentiles; "volume" normalises by the percentiles of the whole volume the crops come
+    from, as ``rln_deconvolve``'s default "global" mode does at inference.
+
+    Model: ``init_model`` (path of an ``RLN.save`` file) starts from those weights instead of
+    a random initialisation (fine-tuning; not the recipe). ``gradients="paper"`` and ``bn="official"`` reproduce the released training
     graph (surrogate RL gradients, TF's running-variance update); "exact"/"torch" are
     the alternatives (see ``RLN``).
     """
@@ -87,6 +93,7 @@ class TrainConfig:
     phantom_shape: tuple[int, int, int] = (128, 128, 128)
     data_seed: int = 0
     cache_volumes: int = 100
+    recipe: str = "official"
     # validation
     n_val: int = 2
     val_seed: int = 1_000_000
@@ -97,6 +104,7 @@ class TrainConfig:
     crop_min_ratio: float = 0.8
     crop_retries: int = 20
     norm_percentiles: tuple[float, float] = (0.01, 99.5)
+    norm_scope: str = "crop"
     augment: bool = False
     # loss
     e1_weight: float = 0.1
@@ -115,6 +123,7 @@ class TrainConfig:
     gradients: str = "paper"
     bn: str = "official"
     seed: int = 0
+    init_model: str | None = None
     # run
     device: str | None = None
     checkpoint_every: int = 100
@@ -144,6 +153,14 @@ class TrainConfig:
             )
         if self.gradients not in ("exact", "paper"):
             raise ValueError(f"TrainConfig.gradients must be 'exact' or 'paper', got {self.gradients!r}")
+        if self.recipe not in ("official", "microscopy", "mixed"):
+            raise ValueError(
+                f"TrainConfig.recipe must be 'official', 'microscopy' or 'mixed', got {self.recipe!r}"
+            )
+        if self.norm_scope not in ("crop", "volume"):
+            raise ValueError(f"TrainConfig.norm_scope must be 'crop' or 'volume', got {self.norm_scope!r}")
+        if self.init_model is not None and not Path(self.init_model).is_file():
+            raise ValueError(f"TrainConfig.init_model: {self.init_model} is not a file")
         if self.bn not in ("torch", "official"):
             raise ValueError(f"TrainConfig.bn must be 'torch' or 'official', got {self.bn!r}")
 
@@ -337,13 +354,18 @@ class _Volumes:
         else:
             from rln_fast import synth
 
-            gt, inp = synth.phantom_pair(self.psf(), self.c.phantom_shape, ref)
+            gt, inp = synth.phantom_pair(self.psf(), self.c.phantom_shape, ref, recipe=self.c.recipe)
         if any(s < c for s, c in zip(gt.shape, self.c.crop, strict=True)):
             raise ValueError(
                 f"volume {ref} has shape {gt.shape}, smaller than the crop {self.c.crop}; "
                 "lower TrainConfig.crop"
             )
-        return gt, inp, float(gt.mean(dtype=np.float64))
+        mean = float(gt.mean(dtype=np.float64))
+        if self.c.norm_scope == "volume":
+            # Normalised once, whole volume: crops are then cut from normalised arrays.
+            inp = normalize_crop(inp, self.c.norm_percentiles)
+            gt = np.maximum(normalize_crop(gt, self.c.norm_percentiles), 0.0)
+        return gt, inp, mean
 
     def get(self, key: tuple[str, Any]) -> tuple[np.ndarray, np.ndarray, float]:
         if key in self._cache:
@@ -385,7 +407,8 @@ class _Stream:
         self.pos += 1
         xs, gts = [], []
         for _ in range(c.batch_size):
-            start, _ = _draw_crop(gt, c.crop, self.rng, c.crop_min_ratio * mean, c.crop_retries)
+            threshold = c.crop_min_ratio * (mean if c.norm_scope == "crop" else float(gt.mean(dtype=np.float64)))
+            start, _ = _draw_crop(gt, c.crop, self.rng, threshold, c.crop_retries)
             sl = tuple(slice(s, s + n) for s, n in zip(start, c.crop, strict=True))
             x_c, g_c = inp[sl], gt[sl]
             if c.augment:
@@ -399,7 +422,10 @@ def _to_device(
     x: np.ndarray, gt: np.ndarray, c: TrainConfig, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw crops [N, 1, *crop] -> normalised tensors on device: each crop by its own
-    percentiles, GT then max(0, ·). numpy on the CPU, torch.quantile on other devices."""
+    percentiles, GT then max(0, ·). numpy on the CPU, torch.quantile on other devices.
+    With norm_scope "volume" the crops come normalised already."""
+    if c.norm_scope == "volume":
+        return torch.from_numpy(x).to(device), torch.from_numpy(gt).to(device)
     if device.type == "cpu":
         xn = np.stack([normalize_crop(a, c.norm_percentiles) for a in x])
         gn = np.stack([np.maximum(normalize_crop(a, c.norm_percentiles), 0.0) for a in gt])
@@ -493,8 +519,11 @@ def _validate(model: RLN, volumes: _Volumes, c: TrainConfig, device: torch.devic
         with torch.no_grad():
             for key in volumes.val:
                 gt, inp, _ = volumes.get(key)
-                x = torch.from_numpy(normalize_crop(inp, c.norm_percentiles)).to(device)
-                g = torch.from_numpy(np.maximum(normalize_crop(gt, c.norm_percentiles), 0.0)).to(device)
+                if c.norm_scope == "crop":
+                    inp = normalize_crop(inp, c.norm_percentiles)
+                    gt = np.maximum(normalize_crop(gt, c.norm_percentiles), 0.0)
+                x = torch.from_numpy(inp).to(device)
+                g = torch.from_numpy(gt).to(device)
                 y = model(x[None, None])[0, 0]
                 mse = float(((y - g) ** 2).mean())
                 rng = float(g.max() - g.min())
@@ -567,6 +596,8 @@ def train(
 
     model = RLN(gradients=c.gradients, bn=c.bn)
     model.reset_parameters(generator=torch.Generator().manual_seed(c.seed))
+    if c.init_model is not None:
+        model.load_state_dict(RLN.load(c.init_model).state_dict())
     model.to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=c.lr, betas=c.betas, eps=c.adam_eps)
     volumes = _Volumes(c)

@@ -1,14 +1,20 @@
 """Trains the default RLN shipped in rln_fast/weights/: the recipe, PSF and run settings, in one place.
 
-Usage: python scripts/train_default_model.py OUT_DIR [--steps N] [--crop S] [--device cpu|cuda]
+Usage: python scripts/train_default_model.py OUT_DIR [--steps N] [--crop S] [--volumes N]
+       [--recipe official|microscopy|mixed] [--norm-scope crop|volume] [--init MODEL.pt]
+       [--lr LR] [--lr-hold N] [--threads N] [--device cpu|cuda]
 The PSF is a widefield Born-Wolf model at the DAPI demo stack's acquisition (voxel 0.3 x 0.13 x
 0.13 um, emission 0.461 um, NA 1.45, immersion 1.512); phantoms are generated on the fly.
-Re-running with the same OUT_DIR resumes from its last checkpoint.
+Re-running with the same OUT_DIR and options resumes from its last checkpoint.
+
+The shipped default.pt: see rln_fast/weights/README.md for the exact command line.
 """
 
 from __future__ import annotations
 
 import argparse
+
+import torch
 
 from rln_fast import psf as psf_models
 from rln_fast.train import TrainConfig, train
@@ -24,12 +30,24 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10_000)
     ap.add_argument("--crop", type=int, default=64, help="cubic crop side (the recipe: 64)")
     ap.add_argument("--volumes", type=int, default=100)
+    ap.add_argument("--recipe", default="official", choices=["official", "microscopy", "mixed"],
+                    help="synthetic data (rln_fast.synth.phantom_pair's recipe)")
+    ap.add_argument("--norm-scope", default="crop", choices=["crop", "volume"],
+                    help="normalise each crop (the recipe) or each whole volume (as inference does)")
+    ap.add_argument("--init", default=None, help="start from this RLN (fine-tuning) instead of random weights")
+    ap.add_argument("--lr", type=float, default=0.025)
+    ap.add_argument("--lr-hold", type=int, default=500)
+    ap.add_argument("--val-every", type=int, default=500)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--device", default=None)
     args = ap.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     psf = psf_models.born_wolf(PSF_SHAPE, VOXEL_SIZE, **PSF_ARGS)
     config = TrainConfig(psf=psf, steps=args.steps, crop=(args.crop,) * 3, n_volumes=args.volumes,
-                         cache_volumes=args.volumes, checkpoint_every=250, val_every=500,
-                         device=args.device)
+                         cache_volumes=args.volumes, recipe=args.recipe, norm_scope=args.norm_scope,
+                         init_model=args.init, lr=args.lr, lr_hold=args.lr_hold, checkpoint_every=50,
+                         val_every=args.val_every, device=args.device)
     train(config, args.out_dir, resume=True, progress=True)
 
 

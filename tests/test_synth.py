@@ -197,3 +197,94 @@ def test_write_pairs_skip_existing_finishes_a_killed_run(tmp_path, monkeypatch):
     assert (tmp_path / "gt" / "000.tif").stat().st_mtime_ns == before
     _, raw = real(_delta(), SMALL, seed=7)
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "input" / "002.tif"), raw)
+
+
+# --------------------------------------------------------------------------- microscopy recipe
+
+MICRO = (24, 32, 28)
+
+
+def _gauss_psf() -> np.ndarray:
+    from rln_fast import psf as psf_models
+
+    return psf_models.gaussian((9, 9, 9), 1.0, sigma=(2.0, 1.0, 1.0))
+
+
+def test_microscopy_determinism_per_seed():
+    psf = _gauss_psf()
+    g1, r1 = synth.microscopy_pair(psf, MICRO, seed=5)
+    g2, r2 = synth.microscopy_pair(psf, MICRO, seed=5)
+    g3, r3 = synth.microscopy_pair(psf, MICRO, seed=6)
+    assert g1.shape == r1.shape == MICRO and g1.dtype == r1.dtype == np.float32
+    np.testing.assert_array_equal(g1, g2)
+    np.testing.assert_array_equal(r1, r2)
+    assert not np.array_equal(g1, g3) and not np.array_equal(r1, r3)
+    o1, b1 = synth.microscopy_object(MICRO, seed=5)
+    o2, b2 = synth.microscopy_object(MICRO, seed=5)
+    np.testing.assert_array_equal(o1, o2)
+    np.testing.assert_array_equal(b1, b2)
+
+
+def test_microscopy_object_value_ranges():
+    for seed in range(4):
+        obj, bg = synth.microscopy_object((40, 64, 64), seed=seed)
+        assert obj.min() >= 0 and obj.max() == pytest.approx(1.0, abs=1e-6)
+        lo, hi = synth.MICRO_BACKGROUND
+        assert bg.min() > 0 or hi == 0
+        assert lo - 1e-6 <= float(bg.mean()) <= hi + 1e-6
+        # Uneven: the background varies smoothly (neighbours close, far voxels differ).
+        if bg.mean() > 0.01:
+            assert bg.std() > 0.02 * bg.mean()
+            assert np.abs(np.diff(bg, axis=2)).max() < 0.2 * bg.max()
+
+
+def test_microscopy_gt_is_blurred_object_and_raw_has_camera():
+    psf = _gauss_psf()
+    seed = 3
+    gt, raw = synth.microscopy_pair(psf, MICRO, seed=seed)
+    margin = psf.shape[0] // 2
+    obj, bg = synth.microscopy_object((MICRO[0] + 2 * margin, *MICRO[1:]), seed=seed)
+    crop = slice(margin, margin + MICRO[0])
+    ref = synth._blur(torch.from_numpy((obj[crop] + bg[crop]).astype(np.float64))).numpy()
+    k = float(gt.sum() / ref.sum())  # the photon scale
+    lo, hi = synth.MICRO_PHOTONS
+    assert 0.1 * lo < k < 10 * hi
+    np.testing.assert_allclose(gt, k * ref, rtol=1e-4, atol=1e-4 * k)
+    assert raw.min() >= 0
+
+
+def test_microscopy_haze_from_outside_the_volume(monkeypatch):
+    # An object only just above the crop (in the tall margin) sends light into raw, not gt.
+    psf = _gauss_psf()
+    margin = psf.shape[0] // 2
+    tall = (MICRO[0] + 2 * margin, *MICRO[1:])
+
+    def above_only(shape, seed=0):
+        assert tuple(shape) == tall
+        obj = np.zeros(shape, np.float32)
+        obj[margin - 2:margin, 8:24, 8:20] = 1.0
+        return obj, np.zeros(shape, np.float32)
+
+    monkeypatch.setattr(synth, "microscopy_object", above_only)
+    gt, raw = synth.microscopy_pair(psf, MICRO, seed=1)
+    assert gt.max() == 0.0
+    top, bottom = raw[:2, 8:24, 8:20].mean(), raw[-2:, 8:24, 8:20].mean()
+    assert top > bottom + 10 * raw[-2:].std() / np.sqrt(raw[-2:, 8:24, 8:20].size) + 1.0
+
+
+def test_recipe_option():
+    psf = _gauss_psf()
+    shape = (24, 24, 24)
+    official = synth.phantom_pair(psf, shape, seed=4)
+    mixed_even = synth.phantom_pair(psf, shape, seed=4, recipe="mixed")
+    micro = synth.phantom_pair(psf, shape, seed=5, recipe="microscopy")
+    mixed_odd = synth.phantom_pair(psf, shape, seed=5, recipe="mixed")
+    for a, b in zip(official, mixed_even, strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(micro, mixed_odd, strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(micro[0], synth.microscopy_pair(psf, shape, 5)[0])
+    with pytest.raises(ValueError, match="recipe"):
+        synth.phantom_pair(psf, shape, seed=4, recipe="confocal")
+    with pytest.raises(ValueError, match="recipe"):
+        synth.write_pairs("/nonexistent/never", 1, psf, shape, recipe="x", progress=False)

@@ -20,6 +20,8 @@ from rln_fast.train import (
     _augment,
     _draw_crop,
     _normalize_torch,
+    _Stream,
+    _Volumes,
     global_ssim,
     learning_rate,
     normalize_crop,
@@ -131,6 +133,12 @@ def test_config_checks():
         TrainConfig(gradients="approx")
     with pytest.raises(ValueError, match="norm_percentiles"):
         TrainConfig(norm_percentiles=(99.5, 0.01))
+    with pytest.raises(ValueError, match="recipe"):
+        TrainConfig(recipe="widefield")
+    with pytest.raises(ValueError, match="norm_scope"):
+        TrainConfig(norm_scope="tile")
+    with pytest.raises(ValueError, match="init_model"):
+        TrainConfig(init_model="/nonexistent/model.pt")
 
 
 def test_loss_decreases(tmp_path):
@@ -193,3 +201,42 @@ def test_train_from_folder(tmp_path):
     assert [r["step"] for r in val] == ["2"] and math.isfinite(float(val[0]["psnr"]))
     with pytest.raises(ValueError, match="n_val"):
         train(_tiny(data_dir=str(tmp_path / "data"), n_val=3), tmp_path / "run2", progress=False)
+
+
+def test_volume_normalisation_cuts_crops_from_the_normalised_volume():
+    c = _tiny(norm_scope="volume", n_volumes=1, n_val=0, batch_size=3)
+    vols = _Volumes(c)
+    x, gt = _Stream(c, vols).next_batch()
+    raw_gt, raw_in = synth.phantom_pair(vols.psf(), c.phantom_shape, 0)
+    norm_in = normalize_crop(raw_in, c.norm_percentiles)
+    norm_gt = np.maximum(normalize_crop(raw_gt, c.norm_percentiles), 0.0)
+    # Every crop is a window of the whole-volume normalised pair (found by matching it).
+    for xi, gi in zip(x[:, 0], gt[:, 0], strict=True):
+        hits = [(z, y, w) for z in range(9) for y in range(9) for w in range(9)
+                if np.array_equal(norm_in[z:z + 16, y:y + 16, w:w + 16], xi)]
+        assert len(hits) == 1
+        z, y, w = hits[0]
+        np.testing.assert_array_equal(norm_gt[z:z + 16, y:y + 16, w:w + 16], gi)
+    # ... which is not what per-crop normalisation gives.
+    assert not np.allclose(normalize_crop(x[0, 0], c.norm_percentiles), x[0, 0])
+
+
+def test_init_model_starts_from_its_weights(tmp_path):
+    start = RLN()
+    start.reset_parameters(generator=torch.Generator().manual_seed(123))
+    start.save(tmp_path / "start.pt")
+    c = _tiny(steps=1, n_val=0, lr=1e-12, init_model=str(tmp_path / "start.pt"))
+    model = train(c, tmp_path / "run", progress=False)
+    fresh = train(_tiny(steps=1, n_val=0, lr=1e-12), tmp_path / "fresh", progress=False)
+    for name, p in start.named_parameters():
+        torch.testing.assert_close(dict(model.named_parameters())[name].detach(), p.detach(),
+                                   rtol=0, atol=1e-9)
+    assert not torch.allclose(dict(fresh.named_parameters())["e7"], start.e7)
+
+
+def test_microscopy_recipe_trains(tmp_path):
+    c = _tiny(recipe="mixed", n_volumes=2, n_val=1, steps=2, val_every=2, checkpoint_every=2,
+              phantom_shape=(24, 28, 28), norm_scope="volume")
+    train(c, tmp_path, progress=False)
+    val = _rows(tmp_path / VAL_CSV)
+    assert [r["step"] for r in val] == ["2"] and math.isfinite(float(val[0]["psnr"]))
