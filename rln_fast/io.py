@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ImageIOError", "OutputVolume", "Volume", "create_output", "open_volume", "read",
-           "write"]
+__all__ = ["ImageIOError", "OutputVolume", "Volume", "check_not_inside", "claim_output",
+           "create_output", "open_volume", "read", "write"]
 
 NGFF_VERSIONS = ("0.4", "0.5")
 # ImageJ stores 8-bit, 16-bit (signed or not) and 32-bit float only (tifffile enforces it).
@@ -1119,6 +1119,28 @@ class OutputVolume:
                 f"done={len(self.done_blocks())}/{math.prod(self.n_blocks)})")
 
 
+def claim_output(path: str | os.PathLike, *, ngff: str = "0.5", overwrite: bool = False,
+                 inputs: Sequence[Any] = ()) -> _Lock:
+    """Check that a block-wise output may be written at ``path`` and take its lock, before any
+    work: the same checks as :func:`create_output` (which shares a lock this process holds).
+    Returns the lock; ``release()`` it when done."""
+    path = Path(path)
+    fmt = _output_format(path, _check_ngff(ngff, path))
+    partial, record, lock = (path.with_name(path.name + s) for s in (".partial", ".blocks",
+                                                                      ".lock"))
+    check_not_inside([path, partial, record, lock], inputs)
+    _check_replaceable(path, fmt, overwrite)
+    _check_folder(path)
+    held = _Lock.take(lock, path)
+    try:
+        _check_replaceable(partial, fmt, overwrite)
+        _check_replaceable(record, fmt, overwrite, record=True)
+    except BaseException:
+        held.release()
+        raise
+    return held
+
+
 def create_output(path: str | os.PathLike, shape: Sequence[int], dtype: Any,
                   block: Sequence[int], *, voxel_size: Sequence[float] | None = None,
                   ngff: str = "0.5", fingerprint: Any = None, resume: bool = True,
@@ -1150,14 +1172,9 @@ def create_output(path: str | os.PathLike, shape: Sequence[int], dtype: Any,
                        _check_voxel_size(voxel_size, path))
     out.overwrite = bool(overwrite)
     expected = out._fingerprint(fingerprint)
-    check_not_inside([path, out._partial, out._record, out._lock_path], inputs)
-    _check_replaceable(path, fmt, overwrite)
     _check_tiff_size(fmt, shp, dt, path)
-    _check_folder(path)
-    out._lock = _Lock.take(out._lock_path, path)
+    out._lock = claim_output(path, ngff=ngff, overwrite=overwrite, inputs=inputs)
     try:
-        _check_replaceable(out._partial, fmt, overwrite)
-        _check_replaceable(out._record, fmt, overwrite, record=True)
         if not (resume and out._record_matches(expected)):
             out._start_over(expected)
     except OSError as e:

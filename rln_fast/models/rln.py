@@ -270,9 +270,14 @@ class RLN(nn.Module):
         kw go to RLN(...) (gradients=, bn=). metadata["steps"] holds the Adam step count
         read from beta2_power (0.999**steps) when the checkpoint has it.
         """
-        from rln_fast.models.tf_checkpoint import CheckpointError, read_tf_checkpoint
+        from rln_fast.models.tf_checkpoint import (CheckpointError, list_tf_checkpoint,
+                                                   read_tf_checkpoint)
 
-        tensors = read_tf_checkpoint(str(prefix))
+        # Only what the model uses: a bundle may hold other (large) tensors, never read.
+        used = [*_TF_CONV_NAMES.values(), "beta2_power",
+                *(f"{_tf_bn_name(i)}/{f}" for i in range(len(_BNS)) for f, _ in _TF_BN_FIELDS)]
+        present = list_tf_checkpoint(str(prefix))  # the index only
+        tensors = read_tf_checkpoint(str(prefix), [n for n in used if n in present])
         model = cls(**kw)
 
         def get(name: str, shape: tuple[int, ...]) -> torch.Tensor:
