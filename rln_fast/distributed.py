@@ -11,6 +11,7 @@ inside the functions that use them.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import time
@@ -94,7 +95,29 @@ class BlockJob:
         """Read the tile's outer box, deconvolve it, write its core; returns the block index."""
         y = self.compute(source[tile.outer])
         out.write_block(tile.index, y[tile.inner].cpu().numpy())
+        del y
+        _trim_heap()
         return tile.index
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        return None
+
+
+def _trim_heap() -> None:
+    """Hand the C heap's free pages back to the system after a block (glibc). Blocks differ in
+    shape at the volume's edges; once glibc has raised its mmap threshold, their freed
+    buffers stay in the heap, fragmented and resident: measured +100 MiB over 16 RL blocks,
+    beyond the budget."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _load_model(model: Any, official_checkpoint: Any) -> Any:

@@ -28,15 +28,17 @@ RLN_HALO = 16
 # 150-250 B/voxel on the CPU (peak RSS over 64x128x128 .. 128x256x256) and 201 on an H100;
 # the budget plans with the upper end.
 RLN_BYTES_PER_VOXEL = 256
-# One RL tile per voxel of its FFT job (image + PSF - 1, fast lengths): estimate, step,
-# change, image, a spectrum (complex, half the axis) and the OTF, transients of one FFT.
-# Measured on the CPU (peak RSS, Biggs, jobs of 1.5M..10M voxels): 31 B/voxel plus a fixed
-# cost (below); the rest covers the block's read, its float32 copy and the write of its core.
-RL_BYTES_PER_VOXEL = 44
+# One RL tile per voxel of its FFT job (image + PSF - 1, fast lengths): estimate, prediction,
+# step, change, a spare, the Bertero weights, the OTF and the kept spectrum (complex, half
+# an axis), the real FFT scratch, plus the block's read and its result. Measured on the CPU
+# (peak RSS sampled every 5 ms over deconvolve_file's blocks, Biggs, 9x15x15 PSF, jobs of
+# ~3M voxels): 55 B/voxel above what the run holds between blocks.
+RL_BYTES_PER_VOXEL = 56
 # What a file run holds besides its tiles, once, on the host: the first call of the kernels
-# (torch.library imports ~800 modules: 81 MiB measured), the model (10), zarr (8). A budget
-# for the whole process (deconvolve_file on the CPU) leaves this out of the tiles' share.
-RUN_OVERHEAD_BYTES = 100 << 20
+# (torch.library imports ~800 modules: 81 MiB measured), the model (10), zarr (8), buffers
+# of the reader and writer; measured between blocks: 107-114 MiB. A budget for the whole
+# process (deconvolve_file on the CPU) leaves this out of the tiles' share.
+RUN_OVERHEAD_BYTES = 112 << 20
 # A whole-volume pass (percentiles, finiteness) per voxel of the slab it holds: the read, a
 # float32 copy, order-preserving keys and their temporaries (counted: ~30 B).
 PASS_BYTES_PER_VOXEL = 32

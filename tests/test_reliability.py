@@ -306,7 +306,7 @@ def test_file_budget_leaves_room_for_the_run_overhead():
     box = [c + 2 * h + p - 1 for c, h, p in zip(core, job.halo, (3, 5, 5))]
     assert np.prod(box) * tiling.RL_BYTES_PER_VOXEL <= budget - tiling.RUN_OVERHEAD_BYTES
     assert distributed._slab_voxels("256MB") * tiling.PASS_BYTES_PER_VOXEL <= budget // 2
-    with pytest.raises(ValueError, match=r"below the 100 MiB a run needs besides its tiles"):
+    with pytest.raises(ValueError, match=r"below the 112 MiB a run needs besides its tiles"):
         distributed._plan(job, (512, 512, 512), None, "64MB")
 
 
