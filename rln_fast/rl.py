@@ -59,7 +59,8 @@ def _as_tensor(a: Any, name: str) -> tuple[torch.Tensor, str]:
     if arr.dtype.kind not in "biufc":  # strings, objects, dates: not an image
         raise TypeError(f"{name} must be a numpy array, torch tensor or cupy array of numbers, "
                         f"got {type(a).__name__}" + (f" of dtype {arr.dtype}" if isinstance(a, np.ndarray) else ""))
-    return torch.from_numpy(np.ascontiguousarray(arr)), "numpy"
+    # Big-endian arrays (from some files) become native: torch holds native order only.
+    return torch.from_numpy(np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("="))), "numpy"
 
 
 # RL sums over the whole image in float32: the zero frequency of its FFTs (sum of values) and

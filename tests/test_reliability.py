@@ -405,6 +405,13 @@ def test_big_endian_accepted_alike(tmp_path):
                                rln_deconvolve(vol, progress=False), rtol=1e-5, atol=1e-5)
 
 
+def test_big_endian_array_in_rl():
+    vol = np.random.default_rng(3).random((8, 24, 24)).astype(np.float32)
+    np.testing.assert_array_equal(
+        richardson_lucy(vol.astype(">f4"), _psf(), num_iter=2, progress=False),
+        richardson_lucy(vol, _psf(), num_iter=2, progress=False))
+
+
 def test_huge_values_in_rl_one_line_alike(tmp_path):
     vol = np.full((8, 24, 24), 3e37, np.float32)
     inp = _tif(tmp_path, "big.tif", vol)
