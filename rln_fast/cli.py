@@ -39,6 +39,8 @@ def _one_line(e: BaseException) -> str:
     if isinstance(e, OSError) and e.errno == 28:  # ENOSPC
         where = f" writing {e.filename}" if e.filename else ""
         text = f"no space left on the device{where}; free space or choose another output folder"
+    for note in getattr(e, "__notes__", ()):  # what a failed run kept or removed
+        text = f"{text}; {note}"
     return " ".join(text.split())
 
 
@@ -63,8 +65,10 @@ def clean_errors(name: str) -> Callable:
         def run(*args: Any, **kwargs: Any) -> Any:
             try:
                 return fn(*args, **kwargs)
-            except KeyboardInterrupt:
-                what = _INTERRUPTED.get(name, "no output was written")
+            except KeyboardInterrupt as e:
+                notes = getattr(e, "__notes__", None)
+                what = ("no output was written; " + "; ".join(notes) if notes
+                        else _INTERRUPTED.get(name, "no output was written"))
                 click.echo(f"rln-fast {name}: interrupted; {what}", err=True)
                 sys.exit(EXIT_INTERRUPTED)
             except (CommandError, ValueError, TypeError, OSError, RuntimeError) as e:
@@ -816,7 +820,7 @@ def _deconvolve(name: str, input_path: Path, output: Path, method: str, **kw: An
         normalize=None if normalize == "none" else normalize, device=_check_device(kw.pop("device")),
         voxel_size=kw.pop("voxel_size") or None, tile=kw.pop("tile") or None,
         scheduler=kw.pop("scheduler"), n_workers=kw.pop("n_workers"), resume=kw.pop("resume"),
-        num_iter=kw.pop("num_iter"),
+        overwrite=kw.pop("overwrite"), num_iter=kw.pop("num_iter"),
         model=kw.pop("model"), official_checkpoint=kw.pop("official_checkpoint"), **kw)
     resumed = summary["resumed_blocks"]
     _echo(f"wrote {output}: {summary['blocks']} block(s) of {summary['block']}"
@@ -911,6 +915,9 @@ def _deconvolve_options(fn: Callable) -> Callable:
         click.option("--skip-existing", is_flag=True, help="Do nothing when OUTPUT exists."),
         click.option("--resume/--no-resume", default=True, show_default=True,
                      help="Keep the finished blocks of an interrupted run."),
+        click.option("--overwrite", is_flag=True,
+                     help="Replace whatever is at OUTPUT (default: only a TIFF file or a Zarr "
+                          "folder rln_fast wrote); never the input."),
     ]
     for opt in reversed(options):
         fn = opt(fn)

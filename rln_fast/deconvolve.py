@@ -12,7 +12,7 @@ import torch
 from rln_fast import tiling
 from rln_fast.models.rln import RLN, FusedRLN
 
-__all__ = ["rln_deconvolve"]
+__all__ = ["check_dtype", "rln_deconvolve"]
 
 _P_LOW, _P_HIGH = 0.01, 99.5  # percentiles of the official inference script
 _NORMALIZE = ("global", "official", "none", None)  # "none": None, as the CLI spells it
@@ -24,12 +24,34 @@ def _is_cupy(a: Any) -> bool:
     return type(a).__module__.split(".")[0] == "cupy"
 
 
+def check_dtype(dtype: Any, name: str = "volume") -> None:
+    """Refuse, in one line, a dtype that is not real numbers (integers or floats): complex,
+    bool, object, strings, dates. The array APIs and the file path (CLI) share it."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        dt = torch.empty((), dtype=dtype).numpy().dtype if isinstance(dtype, torch.dtype) else None
+    if dt is not None and dt.kind in "uif":
+        return
+    if dt is not None and dt.kind == "c":
+        hint = "take the real part or the magnitude first"
+    elif dt is not None and dt.kind == "b":
+        hint = "cast it to uint8 or float32 first"
+    else:
+        hint = "convert it to numbers (e.g. float32) first"
+    raise TypeError(f"{name} must hold real numbers (integers or floats), got dtype {dtype}; "
+                    f"{hint}")
+
+
 def _as_torch(volume: Any) -> tuple[torch.Tensor, str]:
     """volume (z, y, x) -> (tensor on its own device, kind in {"numpy", "torch", "cupy"})."""
     if isinstance(volume, torch.Tensor):
         return volume, "torch"
     if isinstance(volume, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(volume)), "numpy"
+        check_dtype(volume.dtype, "rln_deconvolve: volume")
+        # Big-endian arrays (from some files) become native: torch holds native order only.
+        native = volume.dtype.newbyteorder("=")
+        return torch.from_numpy(np.ascontiguousarray(volume, dtype=native)), "numpy"
     if _is_cupy(volume):
         return torch.from_dlpack(volume), "cupy"
     raise TypeError(
@@ -146,9 +168,14 @@ def rln_deconvolve(
             f"rln_deconvolve: every side of the volume must be >= 2, got shape {tuple(x.shape)}"
         )
     if x.is_complex() or x.dtype == torch.bool:
-        raise TypeError(f"rln_deconvolve: volume must be real-valued, got dtype {x.dtype}")
+        check_dtype(_numpy_dtype(x.dtype), "rln_deconvolve: volume")
     if x.is_floating_point() and not bool(torch.isfinite(x).all()):
         raise ValueError("rln_deconvolve: volume contains NaN or Inf; clean or mask it first")
+    if not bool(x.any()):
+        # No signal: the deconvolution of zeros is zeros (the network alone would add its
+        # biases, which normalisation cannot undo when every statistic is 0).
+        y = torch.zeros(tuple(x.shape), dtype=torch.float32, device=x.device)
+        return y.numpy() if kind == "numpy" else _to_kind(y, kind, x.device)
 
     in_device = x.device
     if device is None:

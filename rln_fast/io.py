@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ImageIOError", "OutputVolume", "Volume", "create_output", "open_volume", "read",
-           "write"]
+__all__ = ["ImageIOError", "OutputVolume", "Volume", "check_not_inside", "claim_output",
+           "create_output", "open_volume", "read", "write"]
 
 NGFF_VERSIONS = ("0.4", "0.5")
 # ImageJ stores 8-bit, 16-bit (signed or not) and 32-bit float only (tifffile enforces it).
@@ -135,6 +135,16 @@ def _check_imagej_dtype(dtype: np.dtype, where: Path) -> None:
             "cast the array (e.g. to float32) or write .ome.tif / .ome.zarr")
 
 
+def _check_tiff_size(fmt: str, shape: Sequence[int], dtype: np.dtype, where: Path) -> None:
+    """ImageJ TIFF is classic TIFF: a plane (one strip) must stay under 4 GiB. OME-TIFF
+    switches to BigTIFF by itself (tifffile does it above ~4 GB)."""
+    plane = int(shape[-1]) * int(shape[-2]) * np.dtype(dtype).itemsize
+    if fmt == "imagej-tiff" and plane >= 2**32:
+        raise ImageIOError(f"cannot write {where}: one z-plane is {plane / 2**30:.1f} GiB and "
+                           "ImageJ TIFF holds planes under 4 GiB; write .ome.tif (BigTIFF) or "
+                           ".ome.zarr")
+
+
 def _check_folder(path: Path) -> None:
     folder = path.absolute().parent
     if not folder.is_dir():
@@ -178,6 +188,177 @@ def _replace(tmp: Path, final: Path) -> None:
         _remove(old)
     else:
         os.replace(tmp, final)
+
+
+# Written into every Zarr output rln_fast makes; a Zarr folder without it (or with anything
+# but what rln_fast put there) is not replaced unless the caller says overwrite.
+_MARKER = ".rln_fast"
+_ZARR_OWN = {_MARKER, "zarr.json", ".zgroup", ".zattrs", ".zmetadata", "0"}
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def _is_tiff_file(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) in _TIFF_MAGIC
+    except OSError:
+        return False
+
+
+def _is_own_output(path: Path, fmt: str) -> bool:
+    """Whether ``path`` holds what rln_fast writes for ``fmt``: a TIFF file for a TIFF output,
+    a Zarr folder carrying rln_fast's marker and nothing else for a Zarr output."""
+    if path.is_symlink():
+        return False
+    if fmt.startswith("ome-zarr"):
+        if not path.is_dir() or not (path / _MARKER).is_file():
+            return False
+        try:
+            return {e.name for e in os.scandir(path)} <= _ZARR_OWN
+        except OSError:
+            return False
+    return path.is_file() and _is_tiff_file(path)
+
+
+def _is_own_record(record: Path) -> bool:
+    """A block record rln_fast made: a folder of block files and its fingerprint only."""
+    if record.is_symlink() or not record.is_dir():
+        return False
+    try:
+        names = [e.name for e in os.scandir(record)]
+    except OSError:
+        return False
+    return all(_BLOCK_NAME.match(n) or n.startswith("fingerprint.json") for n in names)
+
+
+def _check_replaceable(path: Path, fmt: str, overwrite: bool, record: bool = False) -> None:
+    """Refuse (one line) to replace ``path`` unless it is rln_fast's own output (or block
+    record) or ``overwrite``."""
+    if overwrite or not (path.exists() or path.is_symlink()):
+        return
+    if _is_own_record(path) if record else _is_own_output(path, fmt):
+        return
+    kind = "folder" if path.is_dir() and not path.is_symlink() else "file"
+    ours = ("an rln_fast block record" if record else "an rln_fast Zarr output"
+            if fmt.startswith("ome-zarr") else "a TIFF file")
+    raise ImageIOError(f"cannot write {path}: a {kind} that is not {ours} is there and rln_fast "
+                       "replaces only its own outputs; move it away or pass overwrite "
+                       "(--overwrite) to replace it")
+
+
+def _real(path: Path) -> Path:
+    return Path(os.path.realpath(os.path.abspath(path)))
+
+
+def check_not_inside(outputs: Sequence[Path], inputs: Sequence[Any]) -> None:
+    """Refuse when an output path is an input, lies inside one, or holds one (after ``..`` and
+    symbolic links are resolved): writing there would destroy the input."""
+    for inp in inputs:
+        if inp is None or not isinstance(inp, (str, os.PathLike)):
+            continue
+        real_in = _real(Path(inp))
+        for out in outputs:
+            real_out = _real(Path(out))
+            if real_out == real_in:
+                why = "is the input"
+            elif real_in in real_out.parents:
+                why = "lies inside the input"
+            elif real_out in real_in.parents:
+                why = "contains the input"
+            else:
+                continue
+            raise ImageIOError(f"cannot write {out}: it {why} {inp}; choose an output path "
+                               "outside the input")
+
+
+# ------------------------------------------------------------------------------ one writer
+
+
+def _lock_info(lock: Path) -> dict | None:
+    try:
+        info = json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) and "pid" in info else None
+
+
+def _holder(info: dict | None) -> str:
+    if not info:
+        return "another process"
+    return (f"pid {info.get('pid')} on {info.get('host')}, started {info.get('started')}")
+
+
+class _Lock:
+    """``<output>.lock``: one writer per output. The file names its owner (pid, host, start
+    time); the exclusion itself is an flock(2) on it, which the kernel drops when the owner
+    dies, so the lock of a killed run (kill -9 included) is taken over by the next one.
+    Within one process the lock is shared (counted): that process is the one writer."""
+
+    _held: dict[str, _Lock] = {}
+
+    @classmethod
+    def take(cls, lock: Path, target: Path) -> _Lock:
+        key = str(_real(lock))
+        held = cls._held.get(key)
+        if held is not None and held._fd is not None:
+            held._count += 1
+            return held
+        new = cls(lock, target)
+        cls._held[key] = new
+        return new
+
+    def __init__(self, lock: Path, target: Path) -> None:
+        import fcntl
+        import socket
+        import time
+
+        self.path, self._count = lock, 1
+        while True:
+            if lock.exists() and not lock.is_symlink() and lock.stat().st_size \
+                    and _lock_info(lock) is None:
+                raise ImageIOError(f"cannot write {target}: {lock} is there and is not an "
+                                   "rln_fast lock; move it away")
+            try:
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            except OSError as e:
+                raise _write_error(e, lock) from e
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise ImageIOError(
+                    f"cannot write {target}: another run is writing it ({_holder(_lock_info(lock))}"
+                    f"); wait for it to finish, or stop it (a killed run's lock is taken over)"
+                    ) from None
+            try:  # the file may have been released and removed between open and flock
+                same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+            except OSError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        self._fd: int | None = fd
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+
+    def release(self) -> None:
+        self._count -= 1
+        if self._count > 0:
+            return
+        fd, self._fd = self._fd, None
+        _Lock._held.pop(str(_real(self.path)), None)
+        if fd is not None:
+            try:
+                self.path.unlink(missing_ok=True)
+            finally:
+                os.close(fd)
+
+    def __del__(self) -> None:
+        fd, self._fd = getattr(self, "_fd", None), None
+        if fd is not None:
+            os.close(fd)  # the kernel drops the flock; the file stays, free for the next run
 
 
 # ------------------------------------------------------------------------------------ layout
@@ -308,9 +489,27 @@ class _ContiguousReader:
             os.close(fd)
 
 
+def _truncated(path: Path, what: str) -> ImageIOError:
+    return ImageIOError(f"cannot read {path}: the file ends early ({what}); it is truncated "
+                        "(an interrupted copy or save?): copy or save it again")
+
+
 def _open_tiff(path: Path) -> dict:
+    import logging
+
     import tifffile
 
+    # tifffile logs what it finds wrong in a damaged file; the checks below say it in one line.
+    log = logging.getLogger("tifffile")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        return _open_tiff_quietly(path, tifffile)
+    finally:
+        log.setLevel(level)
+
+
+def _open_tiff_quietly(path: Path, tifffile: Any) -> dict:
     try:
         tif = tifffile.TiffFile(path)
     except (tifffile.TiffFileError, ValueError, EOFError, struct.error) as e:
@@ -322,6 +521,25 @@ def _open_tiff(path: Path) -> dict:
                                "with a z-stack")
         series = tif.series[0]
         shape = tuple(int(n) for n in series.shape)
+        size = os.path.getsize(path)
+        images = (tif.imagej_metadata or {}).get("images") if tif.is_imagej else None
+        planes = math.prod(shape[:-3] if series.axes.endswith("S") else shape[:-2])
+        if isinstance(images, int) and images > planes:
+            raise _truncated(path, f"its ImageJ header announces {images} images, the file "
+                                   f"holds {planes}")
+        if series.dataoffset is not None:
+            need = int(series.dataoffset) + math.prod(shape) * np.dtype(series.dtype).itemsize
+            if need > size:
+                raise _truncated(path, f"the image data needs {need} bytes, the file has "
+                                       f"{size}")
+        else:
+            for page in (tif.pages.first, tif.pages[-1]):
+                ends = [int(o) + int(n) for o, n in zip(getattr(page, "dataoffsets", ()),
+                                                        getattr(page, "databytecounts", ()),
+                                                        strict=False)]
+                if ends and max(ends) > size:
+                    raise _truncated(path, f"image data runs to byte {max(ends)}, the file has "
+                                           f"{size}")
         if tif.is_ome:
             fmt, axes = "ome-tiff", series.axes
             voxel = _ome_voxel_size(tif.ome_metadata or "")
@@ -596,6 +814,8 @@ def _create_zarr(tmp: Path, name: str, shape: tuple[int, ...], dtype: np.dtype,
             chunks=tuple(_inner_chunk(b) for b in block), fill_value=0,
             dimension_names=["z", "y", "x"])
     group.attrs.update(_ngff_attributes(voxel, ngff, stem))
+    (tmp / _MARKER).write_text("written by rln_fast; it replaces this folder only while this "
+                               "file is here and nothing but its image is\n")
     return arr
 
 
@@ -610,7 +830,9 @@ def write(path: str | os.PathLike, arr: Any, voxel_size: Sequence[float] | None 
     (0.5, inner chunks ≤ 64 per axis) or chunk (0.4); default 256 / 64 per axis.
 
     Atomic: the data goes to a temporary sibling that replaces ``path`` only when complete; on
-    any failure ``path`` is untouched and the temporary removed.
+    any failure ``path`` is untouched and the temporary removed. An existing ``path`` is
+    replaced only when it is rln_fast's kind of output (a TIFF file for a TIFF path, a Zarr
+    folder rln_fast wrote and nothing was added to), never when ``overwrite`` is False.
     """
     path = Path(path)
     ngff = _check_ngff(ngff, path)
@@ -622,6 +844,8 @@ def write(path: str | os.PathLike, arr: Any, voxel_size: Sequence[float] | None 
     if not overwrite and (path.exists() or path.is_symlink()):
         raise ImageIOError(f"cannot write {path}: it already exists; remove it or allow "
                            "overwriting")
+    _check_replaceable(path, fmt, False)
+    _check_tiff_size(fmt, data.shape, data.dtype, path)
     _check_folder(path)
     if chunks is None:
         cap = _DEFAULT_CHUNK_V2 if ngff == "0.4" else _DEFAULT_SHARD
@@ -697,7 +921,9 @@ class OutputVolume:
     after its data is flushed. Blocks own disjoint storage (one Zarr shard / chunk each, or
     disjoint bytes of a memory-mapped TIFF), so distinct blocks may be written concurrently.
     TIFF outputs rely on a shared memory map: concurrent writers must be on one machine.
-    Made by :func:`create_output`; pickling keeps the path and layout (workers reopen).
+    Made by :func:`create_output`, which takes ``<path>.lock`` for this process (the one run
+    writing this output; its workers share it); ``finalize`` and ``abort`` release it.
+    Pickling keeps the path and layout (workers reopen), not the lock.
     """
 
     def __init__(self, path: Path, shape: tuple[int, int, int], dtype: np.dtype,
@@ -709,6 +935,9 @@ class OutputVolume:
         self.n_blocks = tuple(-(-n // b) for n, b in zip(shape, block, strict=True))
         self._partial = path.with_name(path.name + ".partial")
         self._record = path.with_name(path.name + ".blocks")
+        self._lock_path = path.with_name(path.name + ".lock")
+        self._lock: _Lock | None = None
+        self.overwrite = False
         self._offset: int | None = None  # byte offset of TIFF data
         self._zarr: Any = None
 
@@ -829,6 +1058,11 @@ class OutputVolume:
     def _close(self) -> None:
         self._zarr = None
 
+    def _release(self) -> None:
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.release()
+
     def finalize(self) -> None:
         """Check every block is done, move the partial onto ``path``, drop the record."""
         total = math.prod(self.n_blocks)
@@ -840,11 +1074,14 @@ class OutputVolume:
             raise ImageIOError(f"cannot finish {self.path}: {self._partial} is missing; rerun "
                                "the job from the start")
         self._close()
+        # Something may have appeared at the path since the run began.
+        _check_replaceable(self.path, self.format, self.overwrite)
         try:
             _replace(self._partial, self.path)
         except OSError as e:
             raise _write_error(e, self.path) from e
         _remove(self._record)
+        self._release()
 
     def abort(self, keep_record: bool = True) -> None:
         """Stop writing; keep the partial and record for a resume, or delete both."""
@@ -854,6 +1091,7 @@ class OutputVolume:
                 _drain_zarr()
             _remove(self._partial)
             _remove(self._record)
+        self._release()
 
     def __enter__(self) -> OutputVolume:
         return self
@@ -867,12 +1105,13 @@ class OutputVolume:
     def __getstate__(self) -> dict:
         return {"path": str(self.path), "shape": self.shape, "dtype": self.dtype.str,
                 "block": self.block, "format": self.format, "voxel_size": self.voxel_size,
-                "offset": self._offset}
+                "offset": self._offset, "overwrite": self.overwrite}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(Path(state["path"]), tuple(state["shape"]), np.dtype(state["dtype"]),
                       tuple(state["block"]), state["format"], state["voxel_size"])
         self._offset = state["offset"]
+        self.overwrite = state.get("overwrite", False)
 
     def __repr__(self) -> str:
         return (f"OutputVolume({str(self.path)!r}, shape={self.shape}, dtype={self.dtype}, "
@@ -880,17 +1119,47 @@ class OutputVolume:
                 f"done={len(self.done_blocks())}/{math.prod(self.n_blocks)})")
 
 
+def claim_output(path: str | os.PathLike, *, ngff: str = "0.5", overwrite: bool = False,
+                 inputs: Sequence[Any] = ()) -> _Lock:
+    """Check that a block-wise output may be written at ``path`` and take its lock, before any
+    work: the same checks as :func:`create_output` (which shares a lock this process holds).
+    Returns the lock; ``release()`` it when done."""
+    path = Path(path)
+    fmt = _output_format(path, _check_ngff(ngff, path))
+    partial, record, lock = (path.with_name(path.name + s) for s in (".partial", ".blocks",
+                                                                      ".lock"))
+    check_not_inside([path, partial, record, lock], inputs)
+    _check_replaceable(path, fmt, overwrite)
+    _check_folder(path)
+    held = _Lock.take(lock, path)
+    try:
+        _check_replaceable(partial, fmt, overwrite)
+        _check_replaceable(record, fmt, overwrite, record=True)
+    except BaseException:
+        held.release()
+        raise
+    return held
+
+
 def create_output(path: str | os.PathLike, shape: Sequence[int], dtype: Any,
                   block: Sequence[int], *, voxel_size: Sequence[float] | None = None,
-                  ngff: str = "0.5", fingerprint: Any = None,
-                  resume: bool = True) -> OutputVolume:
+                  ngff: str = "0.5", fingerprint: Any = None, resume: bool = True,
+                  overwrite: bool = False, inputs: Sequence[Any] = ()) -> OutputVolume:
     """Start (or resume) a block-wise output; see :class:`OutputVolume`.
 
     ``block`` (bz, by, bx): block (i, j, k) covers ``[i*bz:(i+1)*bz, ...]`` clipped to
     ``shape``. Format by suffix as for :func:`write` (TIFF outputs are uncompressed and
-    memory-mapped). With ``resume`` and a partial whose fingerprint (``fingerprint``, a
-    JSON-able dict, plus shape, dtype, block, format and voxel size) matches, its finished
-    blocks are kept; otherwise any stale partial is cleared and writing starts over.
+    memory-mapped; BigTIFF when .ome.tif outgrows 4 GB, ImageJ .tif planes must stay under
+    4 GiB). With ``resume`` and a partial whose fingerprint (``fingerprint``, a JSON-able
+    dict, plus shape, dtype, block, format and voxel size) matches, its finished blocks are
+    kept; otherwise any stale partial is cleared and writing starts over.
+
+    Safety: an existing ``path`` (and ``<path>.partial`` / ``.blocks``) is replaced only when
+    rln_fast wrote it (a TIFF file for a TIFF output; a Zarr folder holding rln_fast's marker
+    and nothing added) unless ``overwrite``; ``inputs`` (paths the job reads) must not be,
+    hold or lie inside the output. ``<path>.lock`` is taken before anything is reserved: a
+    second writer gets :class:`ImageIOError` naming the holder; the lock of a dead process
+    is taken over. Every refusal is one line.
     """
     path = Path(path)
     ngff = _check_ngff(ngff, path)
@@ -901,12 +1170,17 @@ def create_output(path: str | os.PathLike, shape: Sequence[int], dtype: Any,
     shp = _check_block(shape, path, "shape")
     out = OutputVolume(path, shp, dt, _check_block(block, path), fmt,
                        _check_voxel_size(voxel_size, path))
+    out.overwrite = bool(overwrite)
     expected = out._fingerprint(fingerprint)
-    _check_folder(path)
+    _check_tiff_size(fmt, shp, dt, path)
+    out._lock = claim_output(path, ngff=ngff, overwrite=overwrite, inputs=inputs)
     try:
         if not (resume and out._record_matches(expected)):
             out._start_over(expected)
     except OSError as e:
         out.abort(keep_record=False)
         raise _write_error(e, path) from e
+    except BaseException:
+        out._release()
+        raise
     return out

@@ -60,7 +60,28 @@ def _as_tensor(a: Any, name: str) -> tuple[torch.Tensor, str]:
     if arr.dtype.kind not in "biufc":  # strings, objects, dates: not an image
         raise TypeError(f"{name} must be a numpy array, torch tensor or cupy array of numbers, "
                         f"got {type(a).__name__}" + (f" of dtype {arr.dtype}" if isinstance(a, np.ndarray) else ""))
-    return torch.from_numpy(np.ascontiguousarray(arr)), "numpy"
+    # Big-endian arrays (from some files) become native: torch holds native order only.
+    return torch.from_numpy(np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("="))), "numpy"
+
+
+# RL sums over the whole image in float32: the zero frequency of its FFTs (sum of values) and
+# Biggs' dot products (sums of squared changes) overflow past ~3.4e38. Images whose sum of
+# squares stays under this limit run finite (values up to ~1e20 ran finite at 2k voxels).
+MAX_SUM_SQUARES = 1e37
+
+
+def check_magnitude(sum_squares: float, name: str = "image") -> None:
+    """Refuse an image whose sum of squared values (``sum_squares``, float64) would overflow
+    RL's float32 sums; the message says how to scale it."""
+    if not sum_squares < MAX_SUM_SQUARES:
+        raise ValueError(f"{name} values are too large for Richardson-Lucy in float32 (sum of "
+                         f"squares {sum_squares:.3g} >= {MAX_SUM_SQUARES:.0e}); divide the image "
+                         "by a constant (e.g. 1e20) and multiply the result back")
+
+
+def _sum_squares(t: torch.Tensor, step: int = 1 << 20) -> float:
+    flat = t.reshape(-1)
+    return float(sum(flat[i:i + step].double().square().sum() for i in range(0, flat.numel(), step)))
 
 
 def _check_real(t: torch.Tensor, name: str) -> None:
@@ -685,6 +706,7 @@ def richardson_lucy(
         if bad:
             raise ValueError(f"image contains {bad} NaN or Inf value(s); replace them before "
                              "deconvolving")
+        check_magnitude(_sum_squares(img), "image")
         if num_iter == 0:
             return _to_kind(img.clone() if img.data_ptr() == src.data_ptr() else img, kind, out_device)
         bg = _auto_background(img) if background == "auto" else float(background)

@@ -28,9 +28,21 @@ RLN_HALO = 16
 # 150-250 B/voxel on the CPU (peak RSS over 64x128x128 .. 128x256x256) and 201 on an H100;
 # the budget plans with the upper end.
 RLN_BYTES_PER_VOXEL = 256
-# One RL tile per voxel of its FFT job (image + PSF - 1, fast lengths): estimate, step,
-# change, image, a spectrum (complex, half the axis) and the OTF, transients of one FFT.
-RL_BYTES_PER_VOXEL = 40
+# One RL tile per voxel of its FFT job (image + PSF - 1, fast lengths): estimate, prediction,
+# step, change, a spare, the Bertero weights, the OTF and the kept spectrum (complex, half
+# an axis), the real FFT scratch, plus the block's read and its result. Measured on the CPU
+# (Biggs, 9x15x15 PSF, jobs of ~3M voxels): 55 B/voxel above what the run holds between
+# blocks with RSS sampled every 5 ms over a few blocks, 77 B/voxel at the peak of a whole
+# run (benchmarks/bench_memory.py, 25 blocks, the budget's rule at 56 B giving 1.27x).
+RL_BYTES_PER_VOXEL = 80
+# What a file run holds besides its tiles, once, on the host: the first call of the kernels
+# (torch.library imports ~800 modules: 81 MiB measured), the model (10), zarr (8), buffers
+# of the reader and writer; measured between blocks: 107-114 MiB. A budget for the whole
+# process (deconvolve_file on the CPU) leaves this out of the tiles' share.
+RUN_OVERHEAD_BYTES = 112 << 20
+# A whole-volume pass (percentiles, finiteness) per voxel of the slab it holds: the read, a
+# float32 copy, order-preserving keys and their temporaries (counted: ~30 B).
+PASS_BYTES_PER_VOXEL = 32
 _ALIGN = 16  # core sides are multiples of this (even, and friendly to chunked storage)
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
@@ -185,9 +197,10 @@ def choose_core(
 
 def plan_core(shape: Sequence[int], tile: Any, memory_budget: Any, device: Any,
               bytes_per_voxel: float, halo: Any, *, extra: Sequence[int] = (0, 0, 0),
-              min_side: int = 1) -> tuple[int, int, int]:
+              min_side: int = 1, overhead: int = 0) -> tuple[int, int, int]:
     """Core sides from the caller's choice: ``tile`` as given (clipped to the volume), else the
-    largest that fits ``memory_budget`` (bytes or "4GB"), else what is free on ``device``."""
+    largest that fits ``memory_budget`` (bytes or "4GB"), else what is free on ``device``;
+    ``overhead`` bytes of that budget are kept for what the process holds besides the tile."""
     shape = _triplet(shape, "shape")
     if tile is not None:
         if memory_budget is not None:
@@ -198,7 +211,11 @@ def plan_core(shape: Sequence[int], tile: Any, memory_budget: Any, device: Any,
         return tuple(min(c, s) for c, s in zip(core, shape, strict=True))  # type: ignore[return-value]
     budget = (parse_memory(memory_budget) if memory_budget is not None
               else available_memory(device))
-    return choose_core(shape, budget, bytes_per_voxel, halo, extra=extra)
+    if budget - overhead <= 0:
+        raise ValueError(f"memory budget {budget / 2**20:.0f} MiB is below the "
+                         f"{overhead / 2**20:.0f} MiB a run needs besides its tiles (kernels, "
+                         "model, file libraries); raise the budget")
+    return choose_core(shape, budget - overhead, bytes_per_voxel, halo, extra=extra)
 
 
 def run_tiles(x: Any, tiles: Sequence[Tile], fn: Any, desc: str, progress: bool) -> Any:
@@ -257,14 +274,15 @@ def _rank_in(counts: np.ndarray, rank: int) -> tuple[int, int]:
 
 
 def exact_percentiles(volume: Any, q: Sequence[float] = (0.01, 99.5), *,
-                      progress: bool = False) -> tuple[float, ...]:
+                      progress: bool = False, slab_voxels: int = 1 << 24) -> tuple[float, ...]:
     """Percentiles of a volume read block by block, exactly as numpy's default (linear) method
     gives them on the float32 values, in float64; memory stays at one block.
 
     ``volume`` is anything with ``shape`` and box indexing (numpy, memmap, rln_fast.io.Volume).
     Integers up to 16 bits: one pass with a histogram of the values. Anything else: two passes
     over order-preserving 32-bit keys of the float32 values (high 16 bits, then the low 16 bits
-    inside the bins that hold the wanted ranks). NaN or Inf raise.
+    inside the bins that hold the wanted ranks). NaN or Inf raise. Reads slabs of whole
+    z-planes of about ``slab_voxels`` voxels (~``PASS_BYTES_PER_VOXEL`` bytes each at once).
     """
     shape = tuple(int(s) for s in volume.shape)
     n = math.prod(shape)
@@ -273,7 +291,7 @@ def exact_percentiles(volume: Any, q: Sequence[float] = (0.01, 99.5), *,
     pos = [float(p) / 100 * (n - 1) for p in q]
     ranks = sorted({min(int(math.floor(p)) + d, n - 1) for p in pos for d in (0, 1)})
     dtype = np.dtype(volume.dtype)
-    slabs = list(_slabs(shape))
+    slabs = list(_slabs(shape, slab_voxels))
     passes = 1 if dtype.kind in "ui" and dtype.itemsize <= 2 else 2
     bar = progress_bar(len(slabs) * passes, "percentiles", progress, unit="block")
     values: dict[int, float] = {}

@@ -82,7 +82,7 @@ def test_rl_to_tiff_with_a_budget(tmp_path, stack):
     io.write(psf, np.pad(np.ones((1, 1, 1), np.float32), 2), voxel_size=VOXEL)
     out = tmp_path / "out.tif"
     r = _run("deconvolve", path, out, "--method", "rl", "--psf", psf, "--num-iter", 3,
-             "--background", "0", "--memory-budget", "50MB", "--no-progress")
+             "--background", "0", "--memory-budget", "160MB", "--no-progress")
     assert r.exit_code == 0, r.output
     y, _ = io.read(out)
     # A delta PSF: RL returns the image.

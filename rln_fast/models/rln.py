@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +150,22 @@ def _gaussian_init_(w: torch.Tensor, generator: torch.Generator | None = None) -
         w.copy_((g[:, None] * u[None, :, None, None, None]).to(w.dtype))
 
 
+def _load_reason(e: Exception) -> str:
+    """torch.load's failure in a few words, without its advice to retry with
+    weights_only=False (which would run code from the file)."""
+    text = str(e)
+    m = re.search(r"unsupported GLOBAL ([\w.]+)", text)
+    if m:
+        return f"it asks to run {m[1]}, which is not weights; nothing from it was run"
+    lines = [ln.strip() for ln in text.splitlines()
+             if ln.strip() and "weights_only" not in ln and not ln.startswith("Check the doc")]
+    detail = lines[0] if lines else ""
+    if detail.startswith("Weights only load failed"):
+        detail = detail.split(".", 1)[-1].strip()
+    detail = detail[:120] if detail else "not a torch file"
+    return f"{type(e).__name__}: {detail}"
+
+
 class RLN(nn.Module):
     """Richardson-Lucy Network, training form (convs emit pre-BN outputs, BN as modules).
 
@@ -279,9 +296,14 @@ class RLN(nn.Module):
         kw go to RLN(...) (gradients=, bn=). metadata["steps"] holds the Adam step count
         read from beta2_power (0.999**steps) when the checkpoint has it.
         """
-        from rln_fast.models.tf_checkpoint import CheckpointError, read_tf_checkpoint
+        from rln_fast.models.tf_checkpoint import (CheckpointError, list_tf_checkpoint,
+                                                   read_tf_checkpoint)
 
-        tensors = read_tf_checkpoint(str(prefix))
+        # Only what the model uses: a bundle may hold other (large) tensors, never read.
+        used = [*_TF_CONV_NAMES.values(), "beta2_power",
+                *(f"{_tf_bn_name(i)}/{f}" for i in range(len(_BNS)) for f, _ in _TF_BN_FIELDS)]
+        present = list_tf_checkpoint(str(prefix))  # the index only
+        tensors = read_tf_checkpoint(str(prefix), [n for n in used if n in present])
         model = cls(**kw)
 
         def get(name: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -360,7 +382,8 @@ class RLN(nn.Module):
             raise
         except Exception as e:
             raise ValueError(
-                f"RLN.load: {path} is not a readable rln_fast model file ({type(e).__name__}: {e})"
+                f"RLN.load: {path} is not a readable rln_fast model file ({_load_reason(e)}); "
+                "give a file written by RLN.save or rln-fast train"
             ) from e
         if not isinstance(blob, dict) or blob.get("format") != _FORMAT:
             got = blob.get("format") if isinstance(blob, dict) else type(blob).__name__

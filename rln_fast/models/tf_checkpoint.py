@@ -47,6 +47,8 @@ _MASK_DELTA = 0xA282EAD8
 _U32 = 0xFFFFFFFF
 # Below this many bytes the per-byte Python loop beats the numpy set-up cost.
 _VECTOR_MIN = 4096
+# The vectorised crc holds ~5 bytes of work per input byte: large inputs go in pieces.
+_CRC_PIECE = 16 << 20
 
 
 def _make_crc_table() -> np.ndarray:
@@ -123,7 +125,9 @@ def crc32c(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
     if len(data) < _VECTOR_MIN:
         reg = _crc_raw_scalar(reg, data)
     else:
-        reg = _crc_raw_vector(reg, data)
+        for start in range(0, len(data), _CRC_PIECE):
+            piece = data[start:start + _CRC_PIECE]
+            reg = (_crc_raw_scalar if len(piece) < _VECTOR_MIN else _crc_raw_vector)(reg, piece)
     return reg ^ _U32
 
 
@@ -530,7 +534,8 @@ def _select(bundle: _Bundle, names: Iterable[str] | None) -> list[_Entry]:
     return selected
 
 
-def _read_tensor(entry: _Entry, file: BinaryIO, file_size: int, path: Path) -> np.ndarray:
+def _check_entry(entry: _Entry, file_size: int, path: Path) -> np.dtype:
+    """The entry's dtype, after checking its declared size against its shape and the file."""
     dtype = _NUMPY_DTYPES.get(entry.dtype_enum)
     if dtype is None:
         raise CheckpointError(
@@ -550,7 +555,18 @@ def _read_tensor(entry: _Entry, file: BinaryIO, file_size: int, path: Path) -> n
             f"{path}: tensor {entry.name!r} at offset {entry.offset} (size {entry.size}) runs past "
             f"the end of the {file_size}-byte data file (truncated); re-copy the checkpoint"
         )
-    raw = bytearray(entry.size)  # owned and writable, so the array below needs no extra copy
+    return dtype
+
+
+def _read_tensor(entry: _Entry, file: BinaryIO, file_size: int, path: Path) -> np.ndarray:
+    dtype = _check_entry(entry, file_size, path)
+    try:
+        raw = bytearray(entry.size)  # owned and writable: the array below needs no extra copy
+    except MemoryError:
+        raise CheckpointError(
+            f"{path}: tensor {entry.name!r} needs {entry.size / 2**30:.1f} GiB, more memory than "
+            "is free; read fewer tensors (names=) or free memory"
+        ) from None
     file.seek(entry.offset)
     if file.readinto(raw) != entry.size:
         raise CheckpointError(
@@ -582,10 +598,22 @@ def read_tf_checkpoint(
     """Tensors of a TF1 V2 checkpoint as numpy arrays (all, or just ``names``), crc-verified.
 
     ``prefix`` is ``dir/model.ckpt``, one of its files (``dir/model.ckpt.index``),
-    or a directory holding exactly one ``*.index``.
+    or a directory holding exactly one ``*.index``. Only the selected tensors are read, and
+    every one's declared size is checked against its shape and its data file before any is
+    allocated.
     """
     bundle = _load_bundle(prefix)
     selected = _select(bundle, names)
+    sizes: dict[int, int] = {}
+    for shard_id in sorted({e.shard_id for e in selected}):
+        path = bundle.shard_path(shard_id)
+        try:
+            sizes[shard_id] = path.stat().st_size
+        except OSError:
+            continue  # reported below, when the shard is opened
+        for entry in selected:
+            if entry.shard_id == shard_id:
+                _check_entry(entry, sizes[shard_id], path)
     arrays: dict[str, np.ndarray] = {}
     for shard_id in sorted({e.shard_id for e in selected}):
         path = bundle.shard_path(shard_id)
