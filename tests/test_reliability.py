@@ -91,7 +91,7 @@ def test_foreign_output_is_refused_unless_overwrite(data, tmp_path, name, make):
     out = tmp_path / name
     make(out)
     before = sorted(str(p.relative_to(tmp_path)) for p in out.rglob("*")) if out.is_dir() else []
-    r = _cli("deconvolve", inp, out, "--method", "rl", "--psf", psf, "--iterations", 1,
+    r = _cli("deconvolve", inp, out, "--method", "rl", "--psf", psf, "--num-iter", 1,
              "--no-progress")
     assert r.exit_code == 1
     assert "rln_fast replaces only its own outputs" in _one_line(r.output)
@@ -275,7 +275,7 @@ def test_disk_full_keeps_blocks_and_previous_output(data, tmp_path, monkeypatch)
         write(self, box, arr)
 
     monkeypatch.setattr(io.OutputVolume, "_write_tiff_block", full_disk)
-    r = _cli("deconvolve", inp, out, "--method", "rl", "--psf", psf, "--iterations", 2,
+    r = _cli("deconvolve", inp, out, "--method", "rl", "--psf", psf, "--num-iter", 2,
              "--tile", 8, 24, 24, "--no-progress")
     line = _one_line(r.output)
     assert r.exit_code == 1 and "no space left" in line
@@ -283,7 +283,7 @@ def test_disk_full_keeps_blocks_and_previous_output(data, tmp_path, monkeypatch)
     np.testing.assert_array_equal(io.read(out)[0], old)
     assert not (tmp_path / "o.tif.lock").exists()
     monkeypatch.undo()
-    r = _cli("deconvolve", inp, out, "--method", "rl", "--psf", psf, "--iterations", 2,
+    r = _cli("deconvolve", inp, out, "--method", "rl", "--psf", psf, "--num-iter", 2,
              "--tile", 8, 24, 24, "--no-progress")
     assert r.exit_code == 0 and "3 kept from an interrupted run" in r.output, r.output
 
