@@ -465,12 +465,17 @@ def test_quality_on_flowdec_bars_vs_scikit_image(shared_dir):
     assert reach is not None and reach <= best_at // 2, (reach, best_at)
 
 
-def test_dapi_sharper_and_no_edge_ringing_with_bertero(shared_dir):
+def _dapi_stack(shared_dir) -> np.ndarray:
+    """deconwolf's DAPI demo stack (40, 201, 101) as float32; skips where it is absent."""
     tifffile = pytest.importorskip("tifffile")
     path = shared_dir / "data" / "deconwolf" / "dapi_001.tif"
     if not path.exists():
         pytest.skip("deconwolf DAPI stack not in ../shared/data")
-    img = tifffile.imread(path).astype(np.float32)
+    return tifffile.imread(path).astype(np.float32)
+
+
+def test_dapi_sharper_and_no_edge_ringing_with_bertero(shared_dir):
+    img = _dapi_stack(shared_dir)
     assert img.shape == (40, 201, 101)
     k = psf_models.born_wolf((31, 41, 41), (0.3, 0.13, 0.13), na=1.45, wavelength=0.461, ni=1.512)
     bg = float(np.percentile(img, 1))
@@ -517,11 +522,7 @@ def test_dapi_default_at_half_the_iterations_matches_plain_rl(shared_dir):
     # 79-plane PSF (deeper than the 40-plane stack), and make no new zeros (Biggs with a
     # prediction clipped at 0 zeroed 55 % of the voxels here; measured with the 79x181x181 PSF:
     # shb 4.7 %, biggs 5.0 %, 0 zeros).
-    tifffile = pytest.importorskip("tifffile")
-    path = shared_dir / "data" / "deconwolf" / "dapi_001.tif"
-    if not path.exists():
-        pytest.skip("deconwolf DAPI stack not in ../shared/data")
-    img = tifffile.imread(path).astype(np.float32)
+    img = _dapi_stack(shared_dir)
     k = psf_models.born_wolf((79, 61, 61), (0.3, 0.13, 0.13), na=1.45, wavelength=0.461, ni=1.512,
                              paraxial=True, integrate=True)
     plain = rl(img, k, 20, acceleration="none")
