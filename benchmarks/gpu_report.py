@@ -244,7 +244,8 @@ def bench_deconvolve(model, shape, crop, device) -> dict:
     vox = vol.numel()
 
     def run():
-        return rln_deconvolve(vol, fused, normalize=None, device=device, progress=False)
+        # vol is freed by the `del` below, after its last use here.
+        return rln_deconvolve(vol, fused, normalize=None, device=device, progress=False)  # noqa: F821
 
     y = run()  # warm-up, and the result checked below
     sync(device)
@@ -255,10 +256,10 @@ def bench_deconvolve(model, shape, crop, device) -> dict:
     peak = peak_bytes(run, device)
     # The crop's core sits at even offsets away from the border; with RLN_HALO voxels of context
     # on every side its output is the whole volume's (module tiling).
-    lo = [max(0, (s - c) // 2) // 2 * 2 for s, c in zip(shape, crop)]
-    core = tuple(slice(a, a + c) for a, c in zip(lo, crop))
-    ctx = tuple(slice(max(0, a - RLN_HALO), min(s, a + c + RLN_HALO)) for a, c, s in zip(lo, crop, shape))
-    inner = tuple(slice(k.start - o.start, k.stop - o.start) for k, o in zip(core, ctx))
+    lo = [max(0, (s - c) // 2) // 2 * 2 for s, c in zip(shape, crop, strict=True)]
+    core = tuple(slice(a, a + c) for a, c in zip(lo, crop, strict=True))
+    ctx = tuple(slice(max(0, a - RLN_HALO), min(s, a + c + RLN_HALO)) for a, c, s in zip(lo, crop, shape, strict=True))
+    inner = tuple(slice(k.start - o.start, k.stop - o.start) for k, o in zip(core, ctx, strict=True))
     ref = rln_deconvolve(vol[ctx].cpu(), model.eval().fuse(), normalize=None, device="cpu",
                          progress=False)[inner]
     got = y[core].cpu()
@@ -366,9 +367,8 @@ def bench_rl(shapes, psf_shape, reps, device) -> list[dict]:
 
 def bench_train(batch: int, crop: int, reps: int, device) -> dict:
     """One training step of the rln_fast RLN vs the plain PyTorch RLN (fp32 and TF32)."""
-    from rln_fast.train import TrainConfig, _Stream, _to_device, _Volumes
-
     from benchmarks.bench_train import _check_agree, _models, _stepper
+    from rln_fast.train import TrainConfig, _Stream, _to_device, _Volumes
 
     c = TrainConfig(n_volumes=1, n_val=0, crop=(crop,) * 3, batch_size=batch, device=str(device))
     x, gt = _to_device(*_Stream(c, _Volumes(c)).next_batch(), c, device)
@@ -402,7 +402,7 @@ def bench_compile(model, shape, reps, device, fused_ms: float, backend: str) -> 
             if not on:
                 out["rel_err_compile_vs_eager"] = require_close("compiled vs eager RLN",
                                                                 rel_err(y, plain(x)), 1e-4)
-            out[f"{name}_ms"] = timeit(lambda: compiled(x), device, max(2, reps // 4)) * 1e3
+            out[f"{name}_ms"] = timeit(lambda c=compiled: c(x), device, max(2, reps // 4)) * 1e3
         out[f"{name}_gvox_per_s"] = _gvox(x.numel(), out[f"{name}_ms"])
         out[f"ratio_vs_{name}"] = out[f"{name}_ms"] / fused_ms
     print("  RLN compile " + _rounded(out), flush=True)

@@ -4,6 +4,8 @@ the fused RL convs, the fused RLN, and the classic RL kernels on every path."""
 import torch
 
 from rln_fast import ops
+from rln_fast.psf import gaussian
+from rln_fast.rl import richardson_lucy
 
 for dtype in (torch.float32, torch.float64):
     for chans, cout in (((1,), 4), ((4, 4), 4), ((8, 1, 1), 8), ((16,), 8), ((3,), 10)):
@@ -37,8 +39,6 @@ print("sanitize case (fused) ran")
 
 # Classic RL (rl_ratio, rl_update with its block dot products, psf_conv_ratio/update): the FFT
 # and direct paths, each edge mode, TV, background, Biggs acceleration, float32 and float64.
-from rln_fast.psf import gaussian
-from rln_fast.rl import richardson_lucy
 
 psf = gaussian((5, 7, 7), sigma=(1.5, 1.0, 1.0))
 for dtype in (torch.float32, torch.float64):

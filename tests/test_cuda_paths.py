@@ -83,7 +83,7 @@ def test_slabs_cover_depth_with_even_starts(monkeypatch):
     for depth in (2, 17, 33, 37, 64, 101):
         slabs = FusedRLN._slabs(depth, 1)
         assert slabs[0][0] == 0 and slabs[-1][1] == depth
-        assert all(a[1] == b[0] for a, b in zip(slabs, slabs[1:]))
+        assert all(a[1] == b[0] for a, b in zip(slabs, slabs[1:], strict=False))
         assert all(z0 % 2 == 0 for z0, _ in slabs)
 
 
@@ -167,7 +167,7 @@ def test_chunked_conv_forward_and_backward(device, dtype, chans, cout, small_sme
     assert per_fwd < sum(chans) or per_bwd < cout
     got = ops.conv3d(xs, w, b, "softplus", s)
     assert rel_err(got, want) <= tol
-    for g1, g2 in zip(torch.autograd.grad(got, [*xs, w, b, s], gy), want_grads):
+    for g1, g2 in zip(torch.autograd.grad(got, [*xs, w, b, s], gy), want_grads, strict=True):
         assert rel_err(g1, g2) <= tol
     x1 = (torch.rand(2, 1, 5, 6, 7, dtype=dtype) + 0.1).to(device)
     with torch.no_grad():
@@ -194,7 +194,7 @@ def test_many_input_channels(device):
     gy = torch.randn_like(want)
     got_g = torch.autograd.grad(got, [*xs, w], gy.to(device=device, dtype=torch.float32))
     want_g = torch.autograd.grad(want, [*xr, wr], gy)
-    for g1, g2 in zip(got_g, want_g):
+    for g1, g2 in zip(got_g, want_g, strict=True):
         assert rel_err(g1.cpu().double(), g2) <= 1e-5
 
 

@@ -309,7 +309,7 @@ def test_file_budget_leaves_room_for_the_run_overhead():
                                device="cpu")
     budget = tiling.parse_memory("256MB")
     core, _ = distributed._plan(job, (512, 512, 512), None, "256MB")
-    box = [c + 2 * h + p - 1 for c, h, p in zip(core, job.halo, (3, 5, 5))]
+    box = [c + 2 * h + p - 1 for c, h, p in zip(core, job.halo, (3, 5, 5), strict=True)]
     assert np.prod(box) * tiling.RL_BYTES_PER_VOXEL <= budget - tiling.RUN_OVERHEAD_BYTES
     assert distributed._slab_voxels("256MB") * tiling.PASS_BYTES_PER_VOXEL <= budget // 2
     with pytest.raises(ValueError, match=r"below the 112 MiB a run needs besides its tiles"):
@@ -333,8 +333,7 @@ def test_checkpoint_import_reads_only_the_model_tensors(tmp_path, monkeypatch):
     from rln_fast.models import tf_checkpoint as tfc
     from rln_fast.models.rln import RLN
     from tests.test_rln import CKPT
-    from tests.test_tf_checkpoint import (_field_bytes, _field_fixed32, _field_varint,
-                                          write_bundle)
+    from tests.test_tf_checkpoint import _field_bytes, _field_fixed32, _field_varint, write_bundle
 
     if not Path(f"{CKPT}.index").exists():
         pytest.skip("the official checkpoint is not here")
@@ -353,14 +352,13 @@ def test_checkpoint_import_reads_only_the_model_tensors(tmp_path, monkeypatch):
     model = RLN.from_official_checkpoint(prefix)
     assert "zz_extra/huge" not in read and len(read) < len(tensors)
     ref = RLN.from_official_checkpoint(CKPT)
-    for (k, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
+    for (k, a), b in zip(model.state_dict().items(), ref.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
 
 
 def test_checkpoint_sizes_are_checked_before_allocating(tmp_path):
     from rln_fast.models import tf_checkpoint as tfc
-    from tests.test_tf_checkpoint import (_field_bytes, _field_fixed32, _field_varint,
-                                          write_bundle)
+    from tests.test_tf_checkpoint import _field_bytes, _field_fixed32, _field_varint, write_bundle
 
     shape = _field_bytes(2, _field_varint(1, 2_013_265_920))  # 7.5 GiB of float32
     huge = (_field_varint(1, 1) + _field_bytes(2, shape) + _field_varint(4, 8)

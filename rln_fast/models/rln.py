@@ -296,8 +296,11 @@ class RLN(nn.Module):
         kw go to RLN(...) (gradients=, bn=). metadata["steps"] holds the Adam step count
         read from beta2_power (0.999**steps) when the checkpoint has it.
         """
-        from rln_fast.models.tf_checkpoint import (CheckpointError, list_tf_checkpoint,
-                                                   read_tf_checkpoint)
+        from rln_fast.models.tf_checkpoint import (
+            CheckpointError,
+            list_tf_checkpoint,
+            read_tf_checkpoint,
+        )
 
         # Only what the model uses: a bundle may hold other (large) tensors, never read.
         used = [*_TF_CONV_NAMES.values(), "beta2_power",
