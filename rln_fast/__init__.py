@@ -23,7 +23,8 @@ _NAMES = {
 }
 
 __all__ = ["RLN", "FusedRLN", "backend_info", "deconvolve_file", "distributed", "io", "nn", "ops",
-           "psf", "richardson_lucy", "rln_deconvolve", "synth", "tiling", "__version__"]
+           "psf", "richardson_lucy", "rln_deconvolve", "stack", "synth", "tiling",
+           "__version__"]
 
 
 def __getattr__(name: str) -> Any:
