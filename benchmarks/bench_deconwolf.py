@@ -60,10 +60,14 @@ def find_deconwolf() -> tuple[str, str] | None:
     return (dw, bw) if bw else None
 
 
-def _dw_version(dw: str) -> str:
+def _dw_version(dw: str) -> tuple[str, str]:
+    """deconwolf's version and its FFT backend (the FFTW build and its SIMD codelets, which
+    set its speed: Debian's FFTW has SSE2/AVX only, a build with AVX2/AVX-512 is faster)."""
     out = subprocess.run([dw, "--version"], capture_output=True, text=True, timeout=60)
-    m = re.search(r"\d+\.\d+\.\d+", out.stdout + out.stderr)
-    return m.group(0) if m else "unknown"
+    text = out.stdout + out.stderr
+    m = re.search(r"\d+\.\d+\.\d+", text)
+    fft = re.search(r"FFT Backend: '([^']*)'", text)
+    return (m.group(0) if m else "unknown"), (fft.group(1) if fft else "unknown")
 
 
 def run(threads: int = 2, iterations: int = 20, rounds: int = 1, workdir: Path | None = None) -> dict:
@@ -140,7 +144,8 @@ def run(threads: int = 2, iterations: int = 20, rounds: int = 1, workdir: Path |
         "benchmark": "bench_deconwolf",
         "load_average_1min": {"start": load_at_start, "end": os.getloadavg()[0]},
         "quoted_in_issue_13": "deconwolf 0.4.7, 2 threads, on another build: 8.5 s (RL and SHB)",
-        "deconwolf": _dw_version(dw),
+        "deconwolf": _dw_version(dw)[0],
+        "deconwolf_fft_backend": _dw_version(dw)[1],
         "threads": threads,
         "iterations": iterations,
         "image": list(img.shape),
