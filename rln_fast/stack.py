@@ -173,6 +173,15 @@ def generated_psf_shape(image_shape: Sequence[int]) -> tuple[int, int, int]:
     return tuple(out)  # type: ignore[return-value]
 
 
+def _with_message(e: Exception, message: str) -> Exception:
+    """An exception of ``e``'s type with ``message`` (ValueError/TypeError when that type
+    cannot be built from a message alone)."""
+    try:
+        return type(e)(message)
+    except Exception:  # noqa: BLE001 - e.g. UnicodeDecodeError wants five arguments
+        return (TypeError if isinstance(e, TypeError) else ValueError)(message)
+
+
 def _kind(array: Any) -> str:
     """"numpy", "torch", "cupy", or "lazy" (another array type, read one volume at a time)."""
     if isinstance(array, np.ndarray):
@@ -444,7 +453,12 @@ def deconvolve_stack(
                     vol = array[src] if kind != "lazy" else np.asarray(array[src])
                     target[...] = _zyx(vol, perm, kind)
                     continue
-                result = run[c](_read_volume(array, src, perm, kind))
+                try:
+                    result = run[c](_read_volume(array, src, perm, kind))
+                except (TypeError, ValueError) as e:  # which volume, for a one-line error
+                    where = ", ".join(f"{a}={i}" for a, i in (("t", t), ("c", c)) if a in axes)
+                    raise _with_message(e, f"deconvolve_stack: volume {where or '(z, y, x)'}: "
+                                           f"{e}") from None
                 target[...] = result
                 done += 1
                 if bar is not None:

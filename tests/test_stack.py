@@ -279,6 +279,14 @@ def test_deconvolve_stack_errors(kwargs, err, match):
         deconvolve_stack(_stack("tczyx"), **{"progress": False, **kwargs})
 
 
+def test_deconvolve_stack_error_names_the_volume():
+    arr = _stack("tczyx")
+    arr[1, 0, 2, 3, 4] = np.nan
+    with pytest.raises(ValueError, match=r"^deconvolve_stack: volume t=1, c=0: rln_deconvolve: "
+                                         "volume contains NaN"):
+        deconvolve_stack(arr, device="cpu", progress=False)
+
+
 def test_deconvolve_stack_selection_needs_the_axis():
     with pytest.raises(ValueError, match="time='0' given but axes='czyx' has no 't' axis"):
         deconvolve_stack(_stack("czyx"), "czyx", method="rl", psf=PSF, time="0")
