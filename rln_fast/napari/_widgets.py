@@ -479,7 +479,10 @@ class StackWidget(_Panel):
         self.normalize = ComboBox(label="normalize", choices=["global", "official"],
                                   value="global")
         self.device = ComboBox(label="device", choices=_devices(), value="auto")
-        self.channels = Container(label="channels", labels=False)
+        self._header = Label(value="")
+        self._rows = Container(labels=False)
+        self.channels = Container(label="channels", labels=False,
+                                  widgets=[self._header, self._rows])
         self.axes.changed.connect(self._rebuild_rows)
         self.method.changed.connect(self._show_method)
         self._add_controls(self.axes, self.method, self.time, self.channels, self.na, self.ni,
@@ -504,7 +507,7 @@ class StackWidget(_Panel):
 
     @property
     def rows(self) -> list[_ChannelRow]:
-        return list(self.channels)
+        return list(self._rows)
 
     def _fill_voxel_size(self, value: Any) -> None:
         layers = self.layers if value is not None else []
@@ -532,17 +535,19 @@ class StackWidget(_Panel):
         names = self._channel_names()
         if [r.channel_name for r in self.rows] == names:
             return
-        self.channels.clear()
+        self._rows.clear()
         for i, name in enumerate(names):
             row = _ChannelRow(i, name, self._psf_choices)
             row.show(self.method.value)
-            self.channels.append(row)
+            self._rows.append(row)
 
     def _show_method(self, method: str) -> None:
         rl = method == "rl"
         for w in (self.na, self.ni, self.acceleration, self.edges):
             w.visible = rl
         self.normalize.visible = not rl
+        self._header.value = ("deconvolve · PSF · λ em (µm) · iterations" if rl
+                              else "deconvolve · model")
         for row in self.rows:
             row.show(method)
 
