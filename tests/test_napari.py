@@ -297,6 +297,7 @@ def test_stack_widget_multichannel_rl_equals_api(viewer, dock, qtbot):
     _wait(qtbot, w)
 
     assert steps[:5] == [1, 2, 3, 4, 5]
+    assert w.status.value == "done"
     out = viewer.layers["cells RL"]
     expected = rf.deconvolve_stack(img, "czyx", method="rl", psf=[None, bead],
                                    wavelength=[0.46, None], na=1.3, ni=1.515, voxel_size=VOXEL,
@@ -317,9 +318,13 @@ def test_stack_widget_time_series_rln_selects_time(viewer, dock, qtbot):
     assert w.axes.value == "tzyx" and len(w.rows) == 1
     w.time.value = "1:5:2"
     w.device.value = "cpu"
+    statuses = []  # the status after each progress step (slots run in connection order)
+    w._relay.step.connect(lambda _i: statuses.append(w.status.value))
     w.run()
     assert w.progress.max == 2  # one step per volume
     _wait(qtbot, w)
+    # step 1: volume 1 ended, volume 2 runs; step 2: the last volume ended
+    assert statuses == ["running Stack… volume 2 of 2", "running Stack… volume 2 of 2"]
     out = viewer.layers["embryo RLN"]
     assert out.data.shape == (2, 8, 16, 16)
     for j, t in enumerate((1, 3)):

@@ -233,6 +233,16 @@ def test_array_like_is_read_one_volume_at_a_time():
                                                                 progress=False))
 
 
+def test_dask_array_gives_numpy():
+    da = pytest.importorskip("dask.array")
+    arr = _stack("zcyx", seed=9)
+    out = deconvolve_stack(da.from_array(arr, chunks=(6, 1, 10, 12)), "zcyx", method="rl",
+                           psf=PSF, num_iter=2, progress=False)
+    assert isinstance(out, np.ndarray)
+    np.testing.assert_array_equal(out, deconvolve_stack(arr, "zcyx", method="rl", psf=PSF,
+                                                        num_iter=2, progress=False))
+
+
 def test_volume_callback_exception_stops_the_run():
     arr = _stack("tczyx", seed=8)
 

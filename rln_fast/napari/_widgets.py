@@ -698,7 +698,15 @@ class StackWidget(_Panel):
             for layer, out in results:
                 self._add_stack_result(out, layer, axes, times, f"{layer.name} {label}")
 
+        self._volume_ends = list(np.cumsum(steps))
         return _Job(self.title, compute, finish, sum(steps))
+
+    def _on_step(self, i: int) -> None:
+        super()._on_step(i)
+        ends = getattr(self, "_volume_ends", [])
+        if ends and self.running:
+            k = min(int(np.searchsorted(ends, i, side="right")) + 1, len(ends))
+            self.status.value = f"running {self.title}… volume {k} of {len(ends)}"
 
     def _add_stack_result(self, data: Any, source: Image, axes: str, times: list[int],
                           name: str) -> None:
