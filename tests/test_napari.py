@@ -410,6 +410,9 @@ def test_stack_widget_cancel_adds_nothing(viewer, dock, qtbot, notifications):
     (lambda v, w: [setattr(r.use, "value", False) for r in w.rows], "tick at least one channel"),
     (lambda v, w: setattr(w.image, "value", [v.layers[0], v.add_image(np.ones((4, 8, 8)))]),
      "the selected layers differ in shape"),
+    (lambda v, w: (setattr(w.method, "value", "rl"), setattr(w.rows[1].psf, "value",
+                                                             v.layers[0])),
+     "PSF of channel 1: layer 'cells' is 4-D with shape (2, 8, 16, 16); choose a 3-D"),
 ])
 def test_stack_widget_bad_settings_are_notifications(viewer, dock, notifications, setup, match):
     viewer.add_image(_stack((2, 8, 16, 16)), name="cells", axis_labels=("c", "z", "y", "x"))

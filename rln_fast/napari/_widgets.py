@@ -69,7 +69,7 @@ def rl_psf_shape(image_shape: tuple[int, ...]) -> tuple[int, int, int]:
     return generated_psf_shape(image_shape)
 
 
-def _image_3d(layer: Image | None, who: str) -> Any:
+def _image_3d(layer: Image | None, who: str, *, stack_hint: bool = True) -> Any:
     """The layer's full-resolution data, checked to be a 3-D (z, y, x) intensity image."""
     if layer is None:
         raise ValueError(f"{who}: choose an image layer (open a 3-D stack first)")
@@ -79,7 +79,7 @@ def _image_3d(layer: Image | None, who: str) -> Any:
     data = layer.data[0] if layer.multiscale else layer.data
     if data.ndim != 3:
         hint = ("; for channels or time points use the Stack (channels, time) widget"
-                if data.ndim in (4, 5) else "")
+                if stack_hint and data.ndim in (4, 5) else "")
         raise ValueError(f"{who}: layer {layer.name!r} is {data.ndim}-D with shape "
                          f"{tuple(data.shape)}; choose a 3-D (z, y, x) image layer{hint}")
     return data
@@ -299,7 +299,7 @@ class RichardsonLucyWidget(_Panel):
             def make_psf() -> np.ndarray:
                 return psf_models.born_wolf(shape, voxel, **optics)
         else:
-            psf_data = np.asarray(_image_3d(psf_choice, f"{self.title} PSF"))
+            psf_data = np.asarray(_image_3d(psf_choice, f"{self.title} PSF", stack_hint=False))
             psf_voxel = tuple(float(s) for s in psf_choice.scale[-3:])
 
             def make_psf() -> np.ndarray:
@@ -595,6 +595,7 @@ class StackWidget(_Panel):
             times = parse_selection(time, nt, "time point")
         except (TypeError, ValueError) as e:
             raise ValueError(f"{self.title}: {e}") from None
+        self._rebuild_rows()  # a no-op unless the layer's channels changed since
         rows = self.rows
         chosen = [i for i, row in enumerate(rows) if row.use.value]
         if not chosen:
@@ -615,6 +616,9 @@ class StackWidget(_Panel):
                     kw.update(wavelength=float(row.wavelength.value), na=na, ni=ni)
                 else:
                     kw["psf_layer"] = row.psf.value
+                    if i in chosen:  # checked here; read (and resampled) in the worker
+                        _image_3d(row.psf.value, f"{self.title}: PSF of channel {i}",
+                                  stack_hint=False)
                 settings.append(kw if i in chosen else {})
         else:
             options["normalize"] = self.normalize.value
@@ -639,7 +643,7 @@ class StackWidget(_Panel):
             kw = dict(kw)
             layer = kw.pop("psf_layer", None)
             if layer is not None:
-                data = np.asarray(_image_3d(layer, f"{self.title} PSF"))
+                data = np.asarray(layer.data[0] if layer.multiscale else layer.data)
                 psf_voxel = tuple(float(s) for s in layer.scale[-3:])
                 if not np.allclose(psf_voxel, voxel, rtol=1e-6, atol=0):
                     data = psf_models.prepare(data, psf_voxel, voxel, background=None,
@@ -677,12 +681,12 @@ class StackWidget(_Panel):
 
             results = []
             try:
-                for layer, data, layer_axes_, kws, channels in calls:
+                for layer, data, call_axes, kws, channels in calls:
                     kw = per_channel([layer_psf(k) for k in kws])
                     if len(kws) == 1:
                         kw = {k: v[0] if isinstance(v, list) else v for k, v in kw.items()}
                     extra = {"callback": callback} if method == "rl" else {}
-                    out = deconvolve_stack(data, layer_axes_, method=method, channels=channels,
+                    out = deconvolve_stack(data, call_axes, method=method, channels=channels,
                                            time=time, voxel_size=voxel, progress=False,
                                            volume_callback=volume_callback, **kw, **extra,
                                            **options)
