@@ -259,8 +259,11 @@ def _channel_psf(psf: Any, wavelength: Any, c: int, shape: tuple[int, ...],
     if missing:
         raise ValueError(f"deconvolve_stack: channel {c}: a PSF generated from wavelength= "
                          f"needs {' and '.join(n + '=' for n in missing)}")
-    grid = generated_psf_shape(shape) if psf_shape is None else tuple(psf_shape)
-    return psf_models.born_wolf(grid, voxel_size, na=na, wavelength=wavelength, ni=ni)
+    try:
+        grid = generated_psf_shape(shape) if psf_shape is None else tuple(psf_shape)
+        return psf_models.born_wolf(grid, voxel_size, na=na, wavelength=wavelength, ni=ni)
+    except (TypeError, ValueError) as e:
+        raise _with_message(e, f"deconvolve_stack: channel {c}: Born–Wolf PSF: {e}") from None
 
 
 def _rln_device(array: Any, kind: str, device: Any) -> Any:
@@ -376,7 +379,8 @@ def deconvolve_stack(
     except (TypeError, ValueError) as e:
         raise type(e)(f"deconvolve_stack: {e}") from None
     given = {"psf": psf, "num_iter": num_iter, "background": background,
-             "wavelength": wavelength} if method == "rln" else {"model": model}
+             "wavelength": wavelength, "na": na, "psf_shape": psf_shape} if method == "rln" \
+        else {"model": model}
     wrong = [name for name, v in given.items() if v is not None]
     if wrong:
         other = "rl" if method == "rln" else "rln"

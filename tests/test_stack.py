@@ -273,6 +273,9 @@ def test_exported_lazily():
     ({"method": "rl", "wavelength": 0.5, "psf": PSF}, ValueError, "both a PSF and a "
                                                                   "wavelength"),
     ({"psf": PSF}, ValueError, "psf= applies to method='rl' only"),
+    ({"na": 1.4, "wavelength": 0.5}, ValueError, "wavelength=, na= apply to method='rl' only"),
+    ({"method": "rl", "wavelength": [0.5, 0.5], "na": 1.6, "voxel_size": VOXEL}, ValueError,
+     "channel 0: Born–Wolf PSF: .*na"),
     ({"method": "rl", "psf": PSF, "model": "m.pt"}, ValueError, "model= applies to "
                                                                 "method='rln' only"),
     ({"method": "rl", "psf": PSF, "normalize": "global"}, TypeError,
