@@ -17,13 +17,14 @@ _NAMES = {
     "backend_info": "_backend",
     "rln_deconvolve": "deconvolve",
     "deconvolve_file": "distributed",
+    "deconvolve_stack": "stack",
     "RLN": "models.rln",
     "FusedRLN": "models.rln",
     "richardson_lucy": "rl",
 }
 
-__all__ = ["RLN", "FusedRLN", "backend_info", "deconvolve_file", "distributed", "io", "nn", "ops",
-           "psf", "richardson_lucy", "rln_deconvolve", "stack", "synth", "tiling",
+__all__ = ["RLN", "FusedRLN", "backend_info", "deconvolve_file", "deconvolve_stack", "distributed",
+           "io", "nn", "ops", "psf", "richardson_lucy", "rln_deconvolve", "stack", "synth", "tiling",
            "__version__"]
 
 

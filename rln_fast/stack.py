@@ -4,18 +4,21 @@ A stack is an array or file whose axes are some of ``t`` (time), ``c`` (channel)
 ``x``, each at most once, in any order, always with z, y and x. Every (t, c) pair is one 3-D
 volume that the single-volume code deconvolves on its own. Settings given per channel (PSF,
 model, iterations, background) take one value for all channels, a list with one value per
-channel of the input, or a dict ``{channel: value}``.
+channel of the input, or a dict ``{channel: value}``. :func:`deconvolve_stack` runs an
+in-memory stack through the single-volume APIs, one (t, c) volume at a time.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-__all__ = ["AXES", "check_axes", "parse_selection", "per_channel"]
+__all__ = ["AXES", "check_axes", "deconvolve_stack", "generated_psf_shape", "parse_selection",
+           "per_channel"]
 
 AXES = "tczyx"  # the letters a stack's axes may use
 
@@ -145,3 +148,328 @@ def per_channel(value: Any, n: int, name: str) -> list[Any]:
                          f"{'s' if n != 1 else ''}; give one value, one per channel, or a dict "
                          "{channel: value}")
     return values
+
+
+# ------------------------------------------------------------------------ deconvolve_stack
+
+_PSF_MAX_SIDE = 129  # generated PSFs: at most this many voxels a side
+_METHODS = ("rln", "rl")
+# Arguments of the single-volume APIs that deconvolve_stack sets itself.
+_OWN = {"rl": {"image", "psf", "num_iter", "background", "progress", "method"},
+        "rln": {"volume", "model", "progress"}}
+
+
+def generated_psf_shape(image_shape: Sequence[int]) -> tuple[int, int, int]:
+    """Grid of a PSF generated for an image: about half the image, odd sides, <= 129 voxels.
+
+    Half the image holds the widefield PSF's out-of-focus cone over the depth that matters,
+    while the Bertero work volume (image + PSF - 1) stays <= 1.5x per axis; odd sides put the
+    peak on the centre voxel.
+    """
+    out = []
+    for n in image_shape:
+        side = min(int(n) // 2 + 1, _PSF_MAX_SIDE)
+        out.append(side if side % 2 else side - 1)
+    return tuple(out)  # type: ignore[return-value]
+
+
+def _with_message(e: Exception, message: str) -> Exception:
+    """An exception of ``e``'s type with ``message`` (ValueError/TypeError when that type
+    cannot be built from a message alone)."""
+    try:
+        return type(e)(message)
+    except Exception:  # noqa: BLE001 - e.g. UnicodeDecodeError wants five arguments
+        return (TypeError if isinstance(e, TypeError) else ValueError)(message)
+
+
+def _kind(array: Any) -> str:
+    """"numpy", "torch", "cupy", or "lazy" (another array type, read one volume at a time)."""
+    if isinstance(array, np.ndarray):
+        return "numpy"
+    module = type(array).__module__.split(".")[0]
+    if module in ("torch", "cupy"):
+        return module
+    if all(hasattr(array, a) for a in ("shape", "ndim", "dtype", "__getitem__")):
+        return "lazy"  # dask, zarr, h5py, ...: numpy out
+    raise TypeError(f"deconvolve_stack: array must be a numpy array, torch tensor or cupy array "
+                    f"(or an array-like with shape, dtype and indexing), got "
+                    f"{type(array).__name__}")
+
+
+def _check_voxel_size(voxel_size: Any) -> tuple[float, float, float] | None:
+    if voxel_size is None:
+        return None
+    try:
+        vs = tuple(float(v) for v in voxel_size)
+    except (TypeError, ValueError):
+        vs = ()
+    if len(vs) != 3 or not all(np.isfinite(v) and v > 0 for v in vs):
+        raise ValueError(f"deconvolve_stack: voxel_size must be three positive numbers "
+                         f"(dz, dy, dx) in µm, got {voxel_size!r}")
+    return vs  # type: ignore[return-value]
+
+
+def _check_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` checked against the keywords of the single-volume API of ``method``;
+    ``rl_method`` becomes richardson_lucy's ``method`` ("fft" or "direct")."""
+    if method == "rl":
+        from rln_fast.rl import richardson_lucy as api
+    else:
+        from rln_fast.deconvolve import rln_deconvolve as api
+    allowed = sorted(set(inspect.signature(api).parameters) - _OWN[method]
+                     | ({"rl_method"} if method == "rl" else set()))
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise TypeError(f"deconvolve_stack: unknown option(s) {', '.join(map(repr, unknown))} "
+                        f"for method={method!r}; its options are {', '.join(allowed)}")
+    out = dict(options)
+    if "rl_method" in out:
+        out["method"] = out.pop("rl_method")
+    return out
+
+
+def _channel_psf(psf: Any, wavelength: Any, c: int, shape: tuple[int, ...],
+                 voxel_size: tuple[float, float, float] | None, na: Any, ni: float,
+                 psf_shape: Any) -> Any:
+    """Channel ``c``'s PSF for richardson_lucy: the array given, a file read (and resampled
+    to ``voxel_size`` when the file's voxel size differs), or Born–Wolf from the optics."""
+    from rln_fast import psf as psf_models
+
+    if psf is not None and wavelength is not None:
+        raise ValueError(f"deconvolve_stack: channel {c} has both a PSF and a wavelength; give "
+                         "one (the wavelength generates a Born–Wolf PSF)")
+    if isinstance(psf, (str, os.PathLike)):
+        from rln_fast import io
+
+        if not os.path.isfile(psf) and not os.path.isdir(psf):
+            raise FileNotFoundError(f"deconvolve_stack: channel {c}: PSF file {os.fspath(psf)!r} "
+                                    "does not exist")
+        arr, meta = io.read(psf)
+        psf_voxel = meta.get("voxel_size")
+        if psf_voxel and voxel_size and not np.allclose(psf_voxel, voxel_size, rtol=1e-3):
+            arr = psf_models.prepare(arr, psf_voxel, voxel_size)
+        return arr
+    if psf is not None:
+        return psf
+    if wavelength is None:
+        raise ValueError(f"deconvolve_stack: channel {c} has no PSF; Richardson–Lucy needs psf= "
+                         "(an array or a file, one per channel) or the emission wavelength= "
+                         "(µm) with na= and voxel_size=")
+    missing = [n for n, v in (("na", na), ("voxel_size", voxel_size)) if v is None]
+    if missing:
+        raise ValueError(f"deconvolve_stack: channel {c}: a PSF generated from wavelength= "
+                         f"needs {' and '.join(n + '=' for n in missing)}")
+    try:
+        grid = generated_psf_shape(shape) if psf_shape is None else tuple(psf_shape)
+        return psf_models.born_wolf(grid, voxel_size, na=na, wavelength=wavelength, ni=ni)
+    except (TypeError, ValueError) as e:
+        raise _with_message(e, f"deconvolve_stack: channel {c}: Born–Wolf PSF: {e}") from None
+
+
+def _rln_device(array: Any, kind: str, device: Any) -> Any:
+    """Where rln_deconvolve runs the network for this input (its own rule)."""
+    import torch
+
+    if device is not None:
+        return torch.device(device)
+    if kind == "torch":
+        return array.device
+    if kind == "cupy":
+        return torch.device("cuda", array.device.id)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _empty(kind: str, like: Any, shape: tuple[int, ...]) -> Any:
+    if kind == "torch":
+        import torch
+
+        return torch.empty(shape, dtype=torch.float32, device=like.device)
+    if kind == "cupy":
+        import cupy
+
+        with like.device:
+            return cupy.empty(shape, dtype=cupy.float32)
+    return np.empty(shape, dtype=np.float32)
+
+
+def _zyx(view: Any, perm: list[int], kind: str) -> Any:
+    """A (z, y, x) view of a volume whose axes are in the stack's order."""
+    return view.permute(perm) if kind == "torch" else view.transpose(perm)
+
+
+def _read_volume(array: Any, index: tuple, perm: list[int], kind: str) -> Any:
+    """The (z, y, x) volume at ``index``, C-contiguous (a view when it already is)."""
+    if kind == "torch":
+        return array[index].permute(perm).contiguous()
+    if kind == "cupy":
+        import cupy
+
+        return cupy.ascontiguousarray(array[index].transpose(perm))
+    return np.ascontiguousarray(np.asarray(array[index]).transpose(perm))
+
+
+def deconvolve_stack(
+    array: Any,
+    axes: str = "tczyx",
+    *,
+    method: str = "rln",
+    psf: Any = None,
+    model: Any = None,
+    num_iter: Any = None,
+    background: Any = None,
+    channels: Any = None,
+    time: Any = None,
+    voxel_size: Sequence[float] | None = None,
+    wavelength: Any = None,
+    na: float | None = None,
+    ni: float = 1.515,
+    psf_shape: Sequence[int] | None = None,
+    progress: bool = True,
+    volume_callback: Callable[[int, int], Any] | None = None,
+    **options: Any,
+) -> Any:
+    """Deconvolve a multi-channel and/or time-lapse stack, one (t, c) volume at a time.
+
+    Each (t, c) volume goes through ``rln_deconvolve`` (method "rln") or ``richardson_lucy``
+    (method "rl") with that API's defaults for whatever is not given, so every volume of the
+    result equals, bit for bit, what that API returns for that volume alone.
+
+    Args:
+        array: numpy array, torch tensor (any device) or cupy array; the result has the same
+            type and device. Another array type with shape, dtype and indexing (dask, zarr)
+            is read one volume at a time and gives numpy.
+        axes: the array's axes, some of t (time), c (channel), z, y, x in any order, each
+            once, always with z, y and x (e.g. "tczyx", "czyx", "zcyx", "tzyx", "zyx").
+        method: "rln" (the network) or "rl" (Richardson–Lucy).
+        psf: "rl": the PSF of each channel, (z, y, x): an array or a file (TIFF, Zarr, .npy;
+            resampled to ``voxel_size`` when the file's own voxel size differs). One for all
+            channels, a list with one per channel, or a dict {channel: psf}.
+        model: "rln": None (the shipped model), a path written by ``RLN.save``, an RLN or a
+            FusedRLN; per channel as ``psf``. Each channel's model is loaded once.
+        num_iter, background: "rl": iterations and background per channel (None: the API's
+            defaults, 20 and "auto").
+        channels: the channels to deconvolve (``parse_selection``: "0,2", [0, 2], None for
+            all); the others pass through unchanged, as float32.
+        time: the time points to deconvolve and return (e.g. "0:50"); the others are left out
+            of the result. None: all.
+        voxel_size: (dz, dy, dx) in µm of every volume, for generated PSFs and PSF files.
+        wavelength: "rl": emission wavelength(s) in µm, per channel as ``psf``: a channel
+            without a PSF gets a widefield Born–Wolf PSF (``rln_fast.psf.born_wolf``) from
+            its wavelength, ``na``, ``ni`` and ``voxel_size``, on a ``psf_shape`` grid
+            (default: ``generated_psf_shape`` of the volume, about half of it, odd sides).
+        progress: a tqdm bar over the volumes (the APIs' own bars are off).
+        volume_callback: called as ``volume_callback(done, total)`` after each deconvolved
+            volume; an exception it raises stops the run and propagates.
+        options: the other keywords of the single-volume API, the same for every volume:
+            "rln": normalize, rescale, device, tile, memory_budget; "rl": acceleration, tv,
+            edges, device, callback, rtol, tile, memory_budget, and ``rl_method`` for
+            richardson_lucy's own ``method`` ("fft" or "direct").
+
+    Returns:
+        float32, the input's axes in the input's order; the t axis holds the selected time
+        points. The output is allocated once; one volume is deconvolved at a time.
+    """
+    if method not in _METHODS:
+        raise ValueError(f"deconvolve_stack: method must be 'rln' or 'rl', got {method!r}")
+    kind = _kind(array)
+    if kind == "torch":
+        array = array.detach()
+    try:
+        axes = check_axes(axes, len(array.shape))
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"deconvolve_stack: {e}") from None
+    given = {"psf": psf, "num_iter": num_iter, "background": background,
+             "wavelength": wavelength, "na": na, "psf_shape": psf_shape} if method == "rln" \
+        else {"model": model}
+    wrong = [name for name, v in given.items() if v is not None]
+    if wrong:
+        other = "rl" if method == "rln" else "rln"
+        raise ValueError(f"deconvolve_stack: {', '.join(n + '=' for n in wrong)} "
+                         f"{'applies' if len(wrong) == 1 else 'apply'} to method={other!r} "
+                         f"only, not {method!r}")
+    options = _check_options(method, options)
+    voxel = _check_voxel_size(voxel_size)
+    shape = tuple(int(n) for n in array.shape)
+    nt = shape[axes.index("t")] if "t" in axes else 1
+    nc = shape[axes.index("c")] if "c" in axes else 1
+    for name, sel, letter in (("channels", channels, "c"), ("time", time, "t")):
+        if sel is not None and letter not in axes:
+            raise ValueError(f"deconvolve_stack: {name}={sel!r} given but axes={axes!r} has no "
+                             f"{letter!r} axis")
+    try:
+        chosen = parse_selection(channels, nc, "channel")
+        times = parse_selection(time, nt, "time point")
+        settings = {name: per_channel(value, nc, name) for name, value in
+                    (("psf", psf), ("model", model), ("num_iter", num_iter),
+                     ("background", background), ("wavelength", wavelength))}
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"deconvolve_stack: {e}") from None
+
+    rest = [a for a in axes if a in "zyx"]  # the order of z, y, x in one volume's view
+    perm = [rest.index(a) for a in "zyx"]
+    vshape = tuple(shape[axes.index(a)] for a in "zyx")
+
+    # Per-channel settings resolved once, before any volume runs.
+    run: dict[int, Callable[[Any], Any]] = {}
+    if method == "rl":
+        from rln_fast.rl import richardson_lucy
+
+        for c in chosen:
+            kw = dict(options)
+            if settings["num_iter"][c] is not None:
+                kw["num_iter"] = settings["num_iter"][c]
+            if settings["background"][c] is not None:
+                kw["background"] = settings["background"][c]
+            k = _channel_psf(settings["psf"][c], settings["wavelength"][c], c, vshape, voxel,
+                             na, ni, psf_shape)
+            run[c] = (lambda v, k=k, kw=kw: richardson_lucy(v, k, progress=False, **kw))
+    else:
+        from rln_fast.deconvolve import _resolve_model, rln_deconvolve
+
+        dev = _rln_device(array, kind, options.get("device"))
+        fused: dict[Any, Any] = {}
+        for c in chosen:
+            m = settings["model"][c]
+            key = os.fspath(m) if isinstance(m, (str, os.PathLike)) else id(m)
+            if key not in fused:
+                fused[key] = _resolve_model(m, dev)
+            run[c] = (lambda v, f=fused[key]: rln_deconvolve(v, f, progress=False, **options))
+
+    out_shape = tuple(len(times) if a == "t" else n for a, n in zip(axes, shape, strict=True))
+    out = _empty(kind, array, out_shape)
+    total = len(times) * len(chosen)
+    bar = None
+    if progress:
+        try:
+            from tqdm.auto import tqdm  # noqa: PLC0415 - optional dependency
+
+            bar = tqdm(total=total, desc="deconvolve_stack", unit="volume", leave=False)
+        except ImportError:
+            pass
+    done = 0
+    try:
+        for j, t in enumerate(times):
+            for c in range(nc):
+                src = tuple(t if a == "t" else c if a == "c" else slice(None) for a in axes)
+                dst = tuple(j if a == "t" else c if a == "c" else slice(None) for a in axes)
+                target = _zyx(out[dst], perm, kind)
+                if c not in run:  # passed through, as float32
+                    vol = array[src] if kind != "lazy" else np.asarray(array[src])
+                    target[...] = _zyx(vol, perm, kind)
+                    continue
+                try:
+                    result = run[c](_read_volume(array, src, perm, kind))
+                except (TypeError, ValueError) as e:  # which volume, for a one-line error
+                    where = ", ".join(f"{a}={i}" for a, i in (("t", t), ("c", c)) if a in axes)
+                    raise _with_message(e, f"deconvolve_stack: volume {where or '(z, y, x)'}: "
+                                           f"{e}") from None
+                target[...] = result
+                done += 1
+                if bar is not None:
+                    bar.update(1)
+                if volume_callback is not None:
+                    volume_callback(done, total)
+    finally:
+        if bar is not None:
+            bar.close()
+    return out

@@ -20,7 +20,13 @@ npe2 = pytest.importorskip("npe2")
 import rln_fast as rf  # noqa: E402
 from rln_fast import demo  # noqa: E402
 from rln_fast.napari import _sample_data  # noqa: E402
-from rln_fast.napari._widgets import PSFWidget, RichardsonLucyWidget, RLNWidget  # noqa: E402
+from rln_fast.napari._widgets import (  # noqa: E402
+    PSFWidget,
+    RichardsonLucyWidget,
+    RLNWidget,
+    StackWidget,
+    layer_axes,
+)
 
 MANIFEST = Path(rf.__file__).parent / "napari.yaml"
 VOXEL = (0.3, 0.13, 0.13)
@@ -237,6 +243,196 @@ def test_rln_widget_cancel_discards_result(viewer, dock, qtbot, notifications):
     assert w.status.value == "cancelled"
 
 
+# --------------------------------------------------------------------------- stacks
+
+SCALE4 = (2.0, *VOXEL)  # a 4-D layer's scale: its first axis, then (z, y, x) in µm
+
+
+def _stack(shape, seed=0) -> np.ndarray:
+    return np.stack([_volume(shape[-3:], seed=seed + i) for i in range(int(np.prod(shape[:-3])))]
+                    ).reshape(shape)
+
+
+def test_layer_axes_from_labels_or_a_default(viewer):
+    a = viewer.add_image(np.zeros((3, 4, 8, 8), np.float32), name="few")
+    b = viewer.add_image(np.zeros((12, 4, 8, 8), np.float32), name="many")
+    c = viewer.add_image(np.zeros((2, 3, 4, 8, 8), np.float32), name="five")
+    d = viewer.add_image(np.zeros((4, 8, 8, 3), np.float32), name="labelled",
+                         axis_labels=("z", "y", "x", "c"))
+    assert layer_axes(a, viewer) == ("czyx", False)  # a few: channels
+    assert layer_axes(b, viewer) == ("tzyx", False)  # many: time points
+    assert layer_axes(a, viewer, one_channel=True) == ("tzyx", False)
+    assert layer_axes(c, viewer) == ("tczyx", False)
+    assert layer_axes(d, viewer) == ("zyxc", True)
+    assert layer_axes(a, viewer) == ("czyx", False)  # d's labels are not a's
+    # napari without per-layer labels: the viewer's last ndim labels
+    from types import SimpleNamespace
+
+    viewer.dims.axis_labels = ("t", "z", "c", "y", "x")
+    old = SimpleNamespace(ndim=4, data=np.zeros((3, 2, 8, 8)), multiscale=False)
+    assert layer_axes(old, viewer) == ("zcyx", True)
+
+
+def test_stack_widget_multichannel_rl_equals_api(viewer, dock, qtbot):
+    img = _stack((2, 8, 16, 16))
+    layer = viewer.add_image(img, name="cells", scale=SCALE4, translate=(0.0, *TRANSLATE),
+                             colormap="magma", axis_labels=("c", "z", "y", "x"))
+    bead = rf.psf.gaussian((5, 7, 7), VOXEL, sigma=(0.4, 0.2, 0.2))
+    psf_layer = viewer.add_image(bead, name="bead", scale=VOXEL)
+    w = dock(StackWidget(viewer))
+    assert w.layers == [layer] and w.axes.value == "czyx"
+    assert w.voxel_size == pytest.approx(VOXEL)
+    w.method.value = "rl"
+    ch0, ch1 = w.rows
+    assert _shown(ch0.psf, w) and not _shown(ch0.model, w) and _shown(w.na, w)
+    ch0.wavelength.value, ch0.iterations.value = 0.46, 3
+    ch1.psf.value, ch1.iterations.value = psf_layer, 2
+    assert _shown(ch0.wavelength, w) and not _shown(ch1.wavelength, w)
+    w.na.value = 1.3
+    w.device.value = "cpu"
+    steps = []
+    w.progress.changed.connect(steps.append)
+    w.run()
+    assert w.progress.max == 5  # 3 + 2 iterations
+    _wait(qtbot, w)
+
+    assert steps[:5] == [1, 2, 3, 4, 5]
+    assert w.status.value == "done"
+    out = viewer.layers["cells RL"]
+    expected = rf.deconvolve_stack(img, "czyx", method="rl", psf=[None, bead],
+                                   wavelength=[0.46, None], na=1.3, ni=1.515, voxel_size=VOXEL,
+                                   num_iter=[3, 2], device="cpu", progress=False)
+    np.testing.assert_array_equal(out.data, expected)
+    psf0 = rf.psf.born_wolf((5, 9, 9), VOXEL, na=1.3, wavelength=0.46, ni=1.515)
+    np.testing.assert_array_equal(out.data[0], rf.richardson_lucy(img[0], psf0, 3,
+                                                                  progress=False))
+    assert tuple(out.scale) == pytest.approx(SCALE4)
+    assert tuple(out.translate) == pytest.approx((0.0, *TRANSLATE))
+    assert out.colormap.name == "magma" and tuple(out.axis_labels) == ("c", "z", "y", "x")
+
+
+def test_stack_widget_time_series_rln_selects_time(viewer, dock, qtbot):
+    img = _stack((6, 8, 16, 16), seed=10)
+    viewer.add_image(img, name="embryo", scale=SCALE4, axis_labels=("t", "z", "y", "x"))
+    w = dock(StackWidget(viewer))
+    assert w.axes.value == "tzyx" and len(w.rows) == 1
+    w.time.value = "1:5:2"
+    w.device.value = "cpu"
+    statuses = []  # the status after each progress step (slots run in connection order)
+    w._relay.step.connect(lambda _i: statuses.append(w.status.value))
+    w.run()
+    assert w.progress.max == 2  # one step per volume
+    _wait(qtbot, w)
+    # step 1: volume 1 ended, volume 2 runs; step 2: the last volume ended
+    assert statuses == ["running Stack… volume 2 of 2", "running Stack… volume 2 of 2"]
+    out = viewer.layers["embryo RLN"]
+    assert out.data.shape == (2, 8, 16, 16)
+    for j, t in enumerate((1, 3)):
+        np.testing.assert_array_equal(out.data[j],
+                                      rf.rln_deconvolve(img[t], device="cpu", progress=False))
+    # time points 1 and 3 of a 2-unit step: the output's time axis stays aligned
+    assert tuple(out.scale) == pytest.approx((4.0, *VOXEL))
+    assert tuple(out.translate)[0] == pytest.approx(2.0)
+
+
+def test_stack_widget_channel_layers_keep_colours(viewer, dock, qtbot, tmp_path):
+    import torch
+
+    model = rf.RLN()
+    model.reset_parameters(generator=torch.Generator().manual_seed(7))
+    path = tmp_path / "mine.pt"
+    model.save(path)
+    img = _stack((3, 8, 16, 16), seed=20)
+    layers = viewer.add_image(img, channel_axis=0, name=["dapi", "gfp", "rfp"],
+                              colormap=["blue", "green", "red"], scale=VOXEL)
+    w = dock(StackWidget(viewer))
+    w.image.value = layers
+    assert w.axes.value == "zyx"
+    assert [r.channel_name for r in w.rows] == ["dapi", "gfp", "rfp"]
+    w.rows[1].use.value = False  # leave gfp out
+    w.rows[2].model.value = "model file"
+    assert _shown(w.rows[2].model_file, w) and not _shown(w.rows[0].model_file, w)
+    w.rows[2].model_file.value = path
+    w.normalize.value = "official"
+    w.device.value = "cpu"
+    w.run()
+    assert w.progress.max == 2
+    _wait(qtbot, w)
+    names = [layer.name for layer in viewer.layers]
+    assert names == ["dapi", "gfp", "rfp", "dapi RLN", "rfp RLN"]
+    dapi, rfp = viewer.layers["dapi RLN"], viewer.layers["rfp RLN"]
+    opts = {"normalize": "official", "device": "cpu", "progress": False}
+    np.testing.assert_array_equal(dapi.data, rf.rln_deconvolve(img[0], **opts))
+    np.testing.assert_array_equal(rfp.data, rf.rln_deconvolve(img[2], path, **opts))
+    assert (dapi.colormap.name, rfp.colormap.name) == ("blue", "red")
+    assert dapi.blending == layers[0].blending
+    assert tuple(rfp.scale) == pytest.approx(VOXEL)
+
+
+def test_stack_widget_unticked_channel_passes_through(viewer, dock, qtbot, notifications):
+    img = (_stack((2, 8, 16, 16), seed=30)).astype(np.uint16)
+    viewer.add_image(img, name="cells", scale=SCALE4, axis_labels=("c", "z", "y", "x"))
+    w = dock(StackWidget(viewer))
+    w.method.value = "rl"
+    w.rows[0].use.value = False
+    w.rows[1].iterations.value = 2
+    w.device.value = "cpu"
+    w.run()
+    _wait(qtbot, w)
+    assert _errors(notifications) == []
+    out = viewer.layers["cells RL"].data
+    np.testing.assert_array_equal(out[0], img[0].astype(np.float32))
+    psf = rf.psf.born_wolf((5, 9, 9), VOXEL, na=1.4, wavelength=0.52, ni=1.515)
+    np.testing.assert_array_equal(out[1], rf.richardson_lucy(img[1], psf, 2, progress=False))
+
+
+def test_stack_widget_cancel_adds_nothing(viewer, dock, qtbot, notifications):
+    viewer.add_image(_stack((2, 8, 16, 16), seed=40), name="cells", scale=SCALE4,
+                     axis_labels=("c", "z", "y", "x"))
+    w = dock(StackWidget(viewer))
+    w.method.value = "rl"
+    for row in w.rows:
+        row.iterations.value = 10000
+    w.device.value = "cpu"
+    w.run()
+    qtbot.waitUntil(lambda: w.progress.value >= 2, timeout=TIMEOUT_MS)
+    w.cancel()
+    _wait(qtbot, w)
+    assert [layer.name for layer in viewer.layers] == ["cells"]
+    assert w.status.value == "cancelled"
+    assert w.progress.value == 0
+
+
+@pytest.mark.parametrize("setup, match", [
+    (lambda v, w: setattr(w.axes, "value", "tczyx"), "axes='tczyx' names 5 axes but the data "
+                                                     "has 4"),
+    (lambda v, w: setattr(w.time, "value", "0"), "time='0' given but axes='czyx' have no 't'"),
+    (lambda v, w: [setattr(r.use, "value", False) for r in w.rows], "tick at least one channel"),
+    (lambda v, w: setattr(w.image, "value", [v.layers[0], v.add_image(np.ones((4, 8, 8)))]),
+     "the selected layers differ in shape"),
+    (lambda v, w: (setattr(w.method, "value", "rl"), setattr(w.rows[1].psf, "value",
+                                                             v.layers[0])),
+     "PSF of channel 1: layer 'cells' is 4-D with shape (2, 8, 16, 16); choose a 3-D"),
+])
+def test_stack_widget_bad_settings_are_notifications(viewer, dock, notifications, setup, match):
+    viewer.add_image(_stack((2, 8, 16, 16)), name="cells", axis_labels=("c", "z", "y", "x"))
+    w = dock(StackWidget(viewer))
+    setup(viewer, w)
+    n = len(viewer.layers)
+    w.run()
+    assert not w.running
+    errors = _errors(notifications)
+    assert len(errors) == 1 and errors[0].startswith("Stack: ") and match in errors[0]
+    assert len(viewer.layers) == n
+
+
+def test_4d_layer_in_the_rl_widget_points_to_the_stack_widget(viewer, dock, notifications):
+    viewer.add_image(np.ones((2, 4, 8, 8), np.float32), name="cells")
+    w = dock(RichardsonLucyWidget(viewer))
+    w.run()
+    assert "use the Stack (channels, time) widget" in _errors(notifications)[0]
+
+
 # --------------------------------------------------------------------------- PSF
 
 
@@ -351,7 +547,7 @@ def test_manifest_validates_and_imports():
     manifest.validate_imports()
     assert manifest.name == "rln-fast"
     widgets = {w.display_name for w in manifest.contributions.widgets}
-    assert widgets == {"Richardson–Lucy", "RLN", "PSF"}
+    assert widgets == {"Richardson–Lucy", "RLN", "Stack (channels, time)", "PSF"}
     assert {s.key for s in manifest.contributions.sample_data} == {"phantom", "demo"}
 
 

@@ -1,4 +1,5 @@
-"""napari dock widgets: Richardson–Lucy, RLN and PSF generation, each run in a thread worker.
+"""napari dock widgets: Richardson–Lucy, RLN, multi-channel / time-lapse stacks and PSF
+generation, each run in a thread worker.
 
 Every widget works on ``napari.layers.Image`` layers, so the layer's ``scale`` (last three
 entries, (z, y, x) in µm) prefills the voxel size; the fields stay editable, and the result
@@ -16,13 +17,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from magicgui.widgets import (
+    CheckBox,
     ComboBox,
     Container,
     FileEdit,
     FloatSpinBox,
     Label,
+    LineEdit,
     ProgressBar,
     PushButton,
+    Select,
     SpinBox,
 )
 from napari.layers import Image
@@ -30,16 +34,19 @@ from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QObject, Signal
 
+from rln_fast.stack import AXES, check_axes, generated_psf_shape, parse_selection
+
 if TYPE_CHECKING:
     import napari
 
-__all__ = ["RichardsonLucyWidget", "RLNWidget", "PSFWidget"]
+__all__ = ["RichardsonLucyWidget", "RLNWidget", "StackWidget", "PSFWidget"]
 
 _GENERATE = "generate"  # the RL widget's PSF choice that means "Born–Wolf from the optics fields"
 _DEFAULT_MODEL = "default (shipped)"
 _MODEL_FILE = "model file"
 _PSF_MODELS = ("born_wolf", "gibson_lanni", "gaussian", "confocal")
-_PSF_MAX_SIDE = 129  # generated RL PSFs: at most this many voxels a side
+_STACK_METHODS = [("RLN", "rln"), ("Richardson–Lucy", "rl")]
+_FEW_CHANNELS = 8  # a 4-D layer without axis labels: a first side up to this is channels
 
 
 def _devices() -> list[str]:
@@ -57,20 +64,12 @@ def _resolve_device(choice: str) -> str:
 
 
 def rl_psf_shape(image_shape: tuple[int, ...]) -> tuple[int, int, int]:
-    """Grid of the PSF the RL widget generates: about half the image, odd sides, <= 129 voxels.
-
-    Half the image (the demo's proportions) holds the widefield PSF's out-of-focus cone over
-    the depth that matters, while the Bertero work volume (image + PSF − 1) stays ≤ 1.5× per
-    axis; odd sides put the peak on the centre voxel.
-    """
-    out = []
-    for n in image_shape:
-        side = min(n // 2 + 1, _PSF_MAX_SIDE)
-        out.append(side if side % 2 else side - 1)
-    return tuple(out)  # type: ignore[return-value]
+    """Grid of the PSF the RL widgets generate: ``rln_fast.stack.generated_psf_shape``, about
+    half the image, odd sides, <= 129 voxels."""
+    return generated_psf_shape(image_shape)
 
 
-def _image_3d(layer: Image | None, who: str) -> Any:
+def _image_3d(layer: Image | None, who: str, *, stack_hint: bool = True) -> Any:
     """The layer's full-resolution data, checked to be a 3-D (z, y, x) intensity image."""
     if layer is None:
         raise ValueError(f"{who}: choose an image layer (open a 3-D stack first)")
@@ -79,8 +78,10 @@ def _image_3d(layer: Image | None, who: str) -> Any:
                          "single-channel image (split the channels first)")
     data = layer.data[0] if layer.multiscale else layer.data
     if data.ndim != 3:
+        hint = ("; for channels or time points use the Stack (channels, time) widget"
+                if stack_hint and data.ndim in (4, 5) else "")
         raise ValueError(f"{who}: layer {layer.name!r} is {data.ndim}-D with shape "
-                         f"{tuple(data.shape)}; choose a 3-D (z, y, x) image layer")
+                         f"{tuple(data.shape)}; choose a 3-D (z, y, x) image layer{hint}")
     return data
 
 
@@ -123,8 +124,7 @@ class _Panel(Container):
         self._worker: Any = None
         self._relay = _Relay()
         self._relay.step.connect(self._on_step)
-        self.image = ComboBox(label=layer_label, choices=self._layer_choices,
-                              nullable=layer_optional)
+        self.image = self._make_picker(layer_label, layer_optional)
         tip = "voxel size in µm, prefilled from the layer's scale (last three entries)"
         self.dz = _float_box("dz (µm)", 1.0, 1e-4, 1e4, 0.001, tip)
         self.dy = _float_box("dy (µm)", 1.0, 1e-4, 1e4, 0.001, tip)
@@ -139,6 +139,9 @@ class _Panel(Container):
         events = viewer.layers.events
         for ev in (events.inserted, events.removed, events.moved):
             ev.connect(self._on_layers_changed)
+
+    def _make_picker(self, label: str, optional: bool) -> Any:
+        return ComboBox(label=label, choices=self._layer_choices, nullable=optional)
 
     def _add_controls(self, *fields: Any) -> None:
         """Lays out: layer picker, voxel size, ``fields``, Run/Cancel, progress, status."""
@@ -296,7 +299,7 @@ class RichardsonLucyWidget(_Panel):
             def make_psf() -> np.ndarray:
                 return psf_models.born_wolf(shape, voxel, **optics)
         else:
-            psf_data = np.asarray(_image_3d(psf_choice, f"{self.title} PSF"))
+            psf_data = np.asarray(_image_3d(psf_choice, f"{self.title} PSF", stack_hint=False))
             psf_voxel = tuple(float(s) for s in psf_choice.scale[-3:])
 
             def make_psf() -> np.ndarray:
@@ -369,6 +372,364 @@ class RLNWidget(_Panel):
 
         name = f"{layer.name} RLN" + ("" if model is None else f" ({model.stem})")
         return _Job(self.title, compute, lambda y: self._add_result(y, layer, name))
+
+
+def layer_axes(layer: Image, viewer: Any = None, *, one_channel: bool = False) -> tuple[str, bool]:
+    """(axes, from_labels): the layer's axes as t/c/z/y/x letters.
+
+    From the layer's axis labels (napari's viewer axis labels, its last ``layer.ndim``, where
+    layers have none), when they are such letters; else a default: "zyx" for 3-D, "tczyx" for 5-D, and for 4-D "czyx" when
+    the first side is at most 8 (a few channels), else "tzyx" (a time series).
+    ``one_channel``: the layer is one channel of several (opened with ``channel_axis``), so a
+    4-D layer is "tzyx".
+    """
+    ndim = layer.ndim
+    # napari >= 0.6 gives each layer its own labels (the viewer's come from the layers', so
+    # another layer's could show there); older napari has the viewer's only.
+    candidates = [getattr(layer, "axis_labels", None)]
+    if viewer is not None and candidates[0] is None:
+        labels = tuple(viewer.dims.axis_labels)
+        candidates.append(labels[-ndim:] if len(labels) >= ndim else None)
+    for labels in candidates:
+        if labels is None or not all(isinstance(a, str) and len(a) == 1 for a in labels):
+            continue
+        try:
+            axes = check_axes("".join(labels), ndim)
+        except ValueError:
+            continue
+        if not (one_channel and "c" in axes):
+            return axes, True
+    if ndim == 4:
+        first = layer.data[0].shape[0] if layer.multiscale else layer.data.shape[0]
+        return ("czyx" if first <= _FEW_CHANNELS and not one_channel else "tzyx"), False
+    return {3: "zyx", 5: "tczyx"}.get(ndim, AXES[-ndim:] if ndim <= 5 else ""), False
+
+
+class _Cancelled(Exception):
+    """Raised between volumes when Cancel was pressed."""
+
+
+class _ChannelRow(Container):
+    """One channel of the stack widget: deconvolve it or not, its PSF / λ / iterations (RL),
+    its model (RLN)."""
+
+    def __init__(self, index: int, name: str, psf_choices: Callable[..., list]) -> None:
+        use = CheckBox(text=f"{index}: {name}", value=True,
+                       tooltip="deconvolve this channel (unticked: passed through)")
+        psf = ComboBox(choices=psf_choices,
+                       tooltip="this channel's PSF: a PSF image layer, or Born–Wolf from its λ")
+        wavelength = _float_box("λ", 0.52, 0.2, 2.0, 0.001,
+                                "this channel's emission wavelength in µm")
+        iterations = SpinBox(value=20, min=1, max=10000, tooltip="RL iterations")
+        model = ComboBox(choices=[_DEFAULT_MODEL, _MODEL_FILE], value=_DEFAULT_MODEL,
+                         tooltip="this channel's RLN model")
+        model_file = FileEdit(mode="r", filter="*.pt", tooltip="an RLN saved with RLN.save (.pt)")
+        super().__init__(layout="horizontal", labels=False,
+                         widgets=[use, psf, wavelength, iterations, model, model_file])
+        self.channel_name = name
+        self.use, self.psf, self.wavelength, self.iterations = use, psf, wavelength, iterations
+        self.model, self.model_file = model, model_file
+        self._method = "rln"
+        psf.changed.connect(lambda _v: self.show(self._method))
+        model.changed.connect(lambda _v: self.show(self._method))
+
+    def show(self, method: str) -> None:
+        self._method = method
+        rl = method == "rl"
+        self.psf.visible = self.iterations.visible = rl
+        self.wavelength.visible = rl and self.psf.value == _GENERATE
+        self.model.visible = not rl
+        self.model_file.visible = not rl and self.model.value == _MODEL_FILE
+
+
+class StackWidget(_Panel):
+    """Multi-channel and time-lapse layers through ``rln_fast.deconvolve_stack``.
+
+    Input: one image layer with channel and/or time axes (4-D, 5-D), or several layers of the
+    same shape that are the channels of one stack (as napari opens a file with
+    ``channel_axis``: one layer per channel). The axes (t, c, z, y, x letters) come from the
+    layer's or the viewer's axis labels when they are such letters, else from a default the
+    ``axes`` field shows and lets you change. Each channel has a row: untick it to pass it
+    through (or, for one layer per channel, to leave that layer out); Richardson–Lucy takes a
+    PSF layer or a Born–Wolf PSF from the channel's emission λ and the shared NA and immersion
+    index, and the channel's iterations; RLN the shipped model or a file. ``time`` picks
+    time points ("0:50", "0,3"; empty: all). The result keeps each input layer's scale (the
+    z, y, x entries from the voxel-size fields), translate, colormap and blending. The
+    progress bar moves once per RL iteration, or once per volume for RLN; Cancel stops
+    after the current iteration or volume and adds nothing.
+    """
+
+    title = "Stack"
+
+    def __init__(self, viewer: napari.viewer.Viewer) -> None:
+        super().__init__(viewer, layer_label="layers")
+        self.axes = LineEdit(label="axes", value="",
+                             tooltip="the layer's axes: t (time), c (channel), z, y, x, e.g. "
+                                     "tczyx; from its axis labels when they are such letters")
+        self.method = ComboBox(label="method", choices=_STACK_METHODS, value="rln")
+        self.time = LineEdit(label="time", value="",
+                             tooltip="time points to deconvolve, e.g. 0:50 or 0,3 (empty: all)")
+        self.na = _float_box("NA", 1.4, 0.05, 1.7, 0.01, "numerical aperture (generated PSFs)")
+        self.ni = _float_box("n immersion", 1.515, 1.0, 2.0, 0.001,
+                             "refractive index of the immersion medium (generated PSFs)")
+        self.acceleration = ComboBox(label="acceleration", choices=["shb", "biggs", "none"],
+                                     value="shb")
+        self.edges = ComboBox(label="edges", choices=["bertero", "periodic", "reflect"],
+                              value="bertero")
+        self.normalize = ComboBox(label="normalize", choices=["global", "official"],
+                                  value="global")
+        self.device = ComboBox(label="device", choices=_devices(), value="auto")
+        self._header = Label(value="")
+        self._rows = Container(labels=False)
+        self.channels = Container(label="channels", labels=False,
+                                  widgets=[self._header, self._rows])
+        self.axes.changed.connect(self._rebuild_rows)
+        self.method.changed.connect(self._show_method)
+        self._add_controls(self.axes, self.method, self.time, self.channels, self.na, self.ni,
+                           self.acceleration, self.edges, self.normalize, self.device)
+        layers = self._layer_choices()
+        if not self.image.value and layers:
+            self.image.value = [layers[0][1]]
+        self._show_method(self.method.value)
+
+    # ------------------------------------------------------------------ fields
+
+    def _make_picker(self, label: str, optional: bool) -> Any:
+        return Select(label=label, choices=self._layer_choices, allow_multiple=True,
+                      tooltip="one layer with channel / time axes, or one layer per channel "
+                              "(select them all, in channel order)")
+
+    @property
+    def layers(self) -> list[Image]:
+        """The selected layers, in the viewer's order."""
+        chosen = list(self.image.value or ())
+        return [layer for layer in self._viewer.layers if layer in chosen]
+
+    @property
+    def rows(self) -> list[_ChannelRow]:
+        return list(self._rows)
+
+    def _fill_voxel_size(self, value: Any) -> None:
+        layers = self.layers if value is not None else []
+        if layers:
+            super()._fill_voxel_size(layers[0])
+            axes, _ = layer_axes(layers[0], self._viewer, one_channel=len(layers) > 1)
+            if axes != self.axes.value:
+                self.axes.value = axes  # rebuilds the rows
+                return
+        self._rebuild_rows()
+
+    def _psf_choices(self, _widget: Any = None) -> list[tuple[str, Any]]:
+        return [("generate (Born–Wolf)", _GENERATE), *self._layer_choices()]
+
+    def _channel_names(self) -> list[str]:
+        layers = self.layers
+        if len(layers) > 1:
+            return [layer.name for layer in layers]
+        axes = self.axes.value.strip().lower()
+        if not layers or "c" not in axes or len(axes) != layers[0].ndim:
+            return ["all" if layers else "-"]
+        return [f"{layers[0].name} c{i}" for i in range(layers[0].data.shape[axes.index("c")])]
+
+    def _rebuild_rows(self, _value: Any = None) -> None:
+        names = self._channel_names()
+        if [r.channel_name for r in self.rows] == names:
+            return
+        self._rows.clear()
+        for i, name in enumerate(names):
+            row = _ChannelRow(i, name, self._psf_choices)
+            row.show(self.method.value)
+            self._rows.append(row)
+
+    def _show_method(self, method: str) -> None:
+        rl = method == "rl"
+        for w in (self.na, self.ni, self.acceleration, self.edges):
+            w.visible = rl
+        self.normalize.visible = not rl
+        self._header.value = ("deconvolve · PSF · λ em (µm) · iterations" if rl
+                              else "deconvolve · model")
+        for row in self.rows:
+            row.show(method)
+
+    # ------------------------------------------------------------------ running
+
+    def _checked_axes(self, layers: list[Image]) -> str:
+        text = self.axes.value.strip()
+        try:
+            axes = check_axes(text, layers[0].ndim)
+        except ValueError as e:
+            raise ValueError(f"{self.title}: layer {layers[0].name!r} (shape "
+                             f"{tuple(layers[0].data.shape)}): {e}") from None
+        if len(layers) > 1:
+            if "c" in axes:
+                raise ValueError(f"{self.title}: with one layer per channel, axes={axes!r} must "
+                                 "not have 'c' (each layer is one channel)")
+            shapes = {tuple(layer.data.shape) for layer in layers}
+            if len(shapes) > 1:
+                raise ValueError(f"{self.title}: the selected layers differ in shape "
+                                 f"({', '.join(map(str, sorted(shapes)))}); select one layer, "
+                                 "or the channel layers of one stack")
+        return axes
+
+    def _prepare(self) -> _Job:
+        from rln_fast import psf as psf_models
+        from rln_fast.stack import deconvolve_stack
+
+        layers = self.layers
+        if not layers:
+            raise ValueError(f"{self.title}: choose an image layer (a stack with channels or "
+                             "time points, or one layer per channel)")
+        for layer in layers:
+            if getattr(layer, "rgb", False):
+                raise ValueError(f"{self.title}: layer {layer.name!r} is RGB; choose "
+                                 "intensity layers")
+        axes = self._checked_axes(layers)
+        datas = [layer.data[0] if layer.multiscale else layer.data for layer in layers]
+        shape = tuple(datas[0].shape)
+        nt = shape[axes.index("t")] if "t" in axes else 1
+        time = self.time.value.strip() or None
+        if time is not None and "t" not in axes:
+            raise ValueError(f"{self.title}: time={time!r} given but axes={axes!r} have no "
+                             "'t' axis")
+        try:
+            times = parse_selection(time, nt, "time point")
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{self.title}: {e}") from None
+        self._rebuild_rows()  # a no-op unless the layer's channels changed since
+        rows = self.rows
+        chosen = [i for i, row in enumerate(rows) if row.use.value]
+        if not chosen:
+            raise ValueError(f"{self.title}: tick at least one channel")
+        method = self.method.value
+        voxel = self.voxel_size
+        vshape = tuple(shape[axes.index(a)] for a in "zyx")
+        options: dict[str, Any] = {"device": _resolve_device(self.device.value)}
+        settings: list[dict[str, Any]] = []  # per channel: deconvolve_stack's keywords
+        if method == "rl":
+            acceleration = self.acceleration.value
+            options.update(acceleration=None if acceleration == "none" else acceleration,
+                           edges=self.edges.value)
+            na, ni = float(self.na.value), float(self.ni.value)
+            for i, row in enumerate(rows):
+                kw: dict[str, Any] = {"num_iter": int(row.iterations.value)}
+                if row.psf.value == _GENERATE:
+                    kw.update(wavelength=float(row.wavelength.value), na=na, ni=ni)
+                else:
+                    kw["psf_layer"] = row.psf.value
+                    if i in chosen:  # checked here; read (and resampled) in the worker
+                        _image_3d(row.psf.value, f"{self.title}: PSF of channel {i}",
+                                  stack_hint=False)
+                settings.append(kw if i in chosen else {})
+        else:
+            options["normalize"] = self.normalize.value
+            for i, row in enumerate(rows):
+                model = None
+                if row.model.value == _MODEL_FILE and i in chosen:
+                    model = Path(row.model_file.value)
+                    if not model.is_file():
+                        raise FileNotFoundError(f"{self.title}: channel {i}: model file "
+                                                f"{str(model)!r} does not exist; choose a .pt "
+                                                "file written by RLN.save")
+                settings.append({"model": model})
+        # Progress steps per volume, in the order the volumes run (RL: iterations; RLN: 1).
+        if len(layers) == 1:
+            steps = [settings[c].get("num_iter", 1) for _ in times for c in chosen]
+        else:
+            steps = [settings[c].get("num_iter", 1) for c in chosen for _ in times]
+
+        def layer_psf(kw: dict[str, Any]) -> dict[str, Any]:
+            """The keywords with a PSF layer replaced by its data (resampled when its scale
+            differs from the voxel size, as the Richardson–Lucy widget does)."""
+            kw = dict(kw)
+            layer = kw.pop("psf_layer", None)
+            if layer is not None:
+                data = np.asarray(layer.data[0] if layer.multiscale else layer.data)
+                psf_voxel = tuple(float(s) for s in layer.scale[-3:])
+                if not np.allclose(psf_voxel, voxel, rtol=1e-6, atol=0):
+                    data = psf_models.prepare(data, psf_voxel, voxel, background=None,
+                                              image_shape=vshape)
+                kw["psf"] = data
+            return kw
+
+        def per_channel(kws: list[dict[str, Any]]) -> dict[str, Any]:
+            keys = {k for kw in kws for k in kw} - {"na", "ni"}
+            out = {k: [kw.get(k) for kw in kws] for k in keys}
+            out.update({k: kw[k] for kw in kws for k in ("na", "ni") if k in kw})
+            return out
+
+        # one deconvolve_stack call per input layer: (layer, data, axes, keywords, channels)
+        calls: list[tuple[Image, Any, str, dict[str, Any], Any]] = []
+        if len(layers) == 1:
+            calls.append((layers[0], datas[0], axes, settings, chosen if "c" in axes else None))
+        else:
+            calls += [(layers[c], datas[c], axes, [settings[c]], None) for c in chosen]
+
+        def compute(should_stop: Callable[[], bool], report: Callable[[int], None]) -> Any:
+            done = [0]  # progress steps of the finished volumes
+            volumes = [0]
+
+            def callback(i: int, _estimate: Any) -> bool:
+                report(done[0] + i)
+                return should_stop()
+
+            def volume_callback(_done: int, _total: int) -> None:
+                done[0] += steps[volumes[0]]
+                volumes[0] += 1
+                report(done[0])
+                if should_stop():
+                    raise _Cancelled
+
+            results = []
+            try:
+                for layer, data, call_axes, kws, channels in calls:
+                    kw = per_channel([layer_psf(k) for k in kws])
+                    if len(kws) == 1:
+                        kw = {k: v[0] if isinstance(v, list) else v for k, v in kw.items()}
+                    extra = {"callback": callback} if method == "rl" else {}
+                    out = deconvolve_stack(data, call_axes, method=method, channels=channels,
+                                           time=time, voxel_size=voxel, progress=False,
+                                           volume_callback=volume_callback, **kw, **extra,
+                                           **options)
+                    results.append((layer, out))
+            except _Cancelled:
+                return None
+            return results
+
+        def finish(results: Any) -> None:
+            if results is None:
+                return
+            label = "RL" if method == "rl" else "RLN"
+            for layer, out in results:
+                self._add_stack_result(out, layer, axes, times, f"{layer.name} {label}")
+
+        self._volume_ends = list(np.cumsum(steps))
+        return _Job(self.title, compute, finish, sum(steps))
+
+    def _on_step(self, i: int) -> None:
+        super()._on_step(i)
+        ends = getattr(self, "_volume_ends", [])
+        if ends and self.running:
+            k = min(int(np.searchsorted(ends, i, side="right")) + 1, len(ends))
+            self.status.value = f"running {self.title}… volume {k} of {len(ends)}"
+
+    def _add_stack_result(self, data: Any, source: Image, axes: str, times: list[int],
+                          name: str) -> None:
+        """A layer for ``data`` with the source's scale (z, y, x from the fields), translate,
+        colormap and blending; a regular time selection keeps the time axis aligned."""
+        scale = [float(s) for s in source.scale]
+        translate = [float(s) for s in source.translate]
+        scale[-3:] = self.voxel_size
+        if "t" in axes:
+            t = axes.index("t")
+            step = times[1] - times[0] if len(times) > 1 else 1
+            if times == list(range(times[0], times[-1] + 1, step)):
+                translate[t] += times[0] * scale[t]
+                scale[t] *= step
+        kwargs: dict[str, Any] = {"name": name, "scale": scale, "translate": translate,
+                                  "colormap": source.colormap, "blending": source.blending}
+        if hasattr(source, "axis_labels"):
+            kwargs["axis_labels"] = source.axis_labels
+        self._viewer.add_image(data, **kwargs)
 
 
 class PSFWidget(_Panel):
