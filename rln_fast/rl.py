@@ -586,7 +586,6 @@ class _DirectJob(_Job):
             self.weights = ops.edge_weights(psf, self.shape, self.shape, circular=False,
                                             threshold=_BERTERO_THRESHOLD, device=img.device)
         self.image5 = self.image[None, None]
-        self._symmetric = _centro_symmetric(psf)  # H^T = H: no conjugate
 
     def initial(self, level: float) -> torch.Tensor:
         # level where the voxel is estimated (w > 0), 0 elsewhere, as in _FFTJob.initial.

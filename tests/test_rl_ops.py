@@ -204,6 +204,43 @@ def test_opcheck(device):
                           (torch.empty_like(e2), e2, r, k, e2.clone(), e2.clone(), *wdt, 0.0, 0.02, 0.0))
 
 
+def test_public_functions_trace_through_the_ops_under_compile():
+    # Eager calls skip the dispatcher (rl_classic._eager); traced ones must still reach the ops.
+    g = torch.Generator().manual_seed(6)
+    image, blurred, est, corr, psf, w = fft_case(1, (3, 4, 5), (5, 6, 8), (3, 3, 4), g=g)
+
+    def step(b, c):
+        rc.rl_ratio_(b, image, 0.1, 1e-6)
+        dots = rc.rl_update_(c, est, w, 0.01, 0.0, 0.02, previous=b, change=None)
+        k = psf[:3, :3, :3].contiguous()
+        e2 = est[:, :, :5, :6, :7].contiguous()
+        r = rc.psf_conv_ratio(image[:, :, :3, :4, :5].contiguous(), e2, k, 0.1, 1e-6)
+        return dots, rc.psf_conv_update(e2, r, k)
+
+    b1, c1, b2, c2 = blurred.clone(), corr.clone(), blurred.clone(), corr.clone()
+    want = step(b1, c1)
+    got = torch.compile(step, backend="aot_eager", fullgraph=True)(b2, c2)
+    assert torch.equal(b1, b2) and torch.equal(c1, c2)
+    assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True))
+
+
+def test_richardson_lucy_never_imports_dynamo():
+    # The custom-op dispatcher's first call imports torch._dynamo (~1 s, 80 MiB); RL's eager
+    # loop calls the kernels directly, so a command-line RL run does not pay for it.
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np, rln_fast as rf\n"
+            "img = np.random.default_rng(0).random((8, 16, 16), dtype=np.float32) + 1\n"
+            "k = np.ones((3, 3, 3), np.float32)\n"
+            "for m in ('fft', 'direct'):\n"
+            "    rf.richardson_lucy(img, k, 3, method=m, progress=False)\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
 # (d) edge cases ---------------------------------------------------------------------------
 
 def test_in_place_variants_equal_the_functional_ones():
