@@ -53,6 +53,26 @@ def use_reference(op: str, device: torch.device) -> bool:
     return True
 
 
+def direct(*tensors: torch.Tensor | list | None) -> bool:
+    """True when an op may call its C++ kernel straight away instead of through its torch
+    custom op: plain tensors (not the fake or functional tensors of torch.compile, export and
+    opcheck), no gradient to record and no autocast to apply. The custom-op dispatcher's first
+    call imports torch._dynamo (1-2 s and about 80 MiB per process), which inference and
+    Richardson–Lucy's eager loop never need."""
+    if torch.compiler.is_compiling():
+        return False
+    grad = torch.is_grad_enabled()
+    device = None
+    for t in tensors:
+        for u in (t if isinstance(t, (list, tuple)) else (t,)):
+            if u is None:
+                continue
+            if type(u) is not torch.Tensor or (grad and u.requires_grad):
+                return False
+            device = device or u.device.type
+    return device is None or not torch.is_autocast_enabled(device)
+
+
 def register_float32_autocast(*ops: str) -> None:
     """Under torch.autocast (CPU or CUDA) these custom ops take their float16/bfloat16 inputs as
     float32 (float64 stays float64): the kernels exist for float32 and float64 only."""

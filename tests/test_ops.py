@@ -267,6 +267,38 @@ def test_backend_info():
         assert "cuda_missing_reason" in info
 
 
+def test_direct_calls_only_where_the_dispatcher_adds_nothing():
+    # Eager inference calls the kernels straight away (no torch._dynamo import); gradients,
+    # autocast and traced (fake/functional) tensors go through the custom ops.
+    from rln_fast import _backend
+
+    x = torch.rand(1, 1, 2, 2, 2)
+    w = torch.rand(1, 1, 3, 3, 3, requires_grad=True)
+    assert _backend.direct(x, None, [x, x])
+    assert not _backend.direct(x, w)
+    with torch.no_grad():
+        assert _backend.direct(x, w)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not _backend.direct(x, w)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        assert not _backend.direct(mode.from_tensor(x))
+
+
+def test_inference_never_imports_dynamo():
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np, rln_fast as rf\n"
+            "v = np.random.default_rng(0).random((8, 16, 16), dtype=np.float32)\n"
+            "rf.rln_deconvolve(v, progress=False)\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
 # (e) torch.compile and CUDA vs the CPU twin -----------------------------------------------
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -138,6 +138,9 @@ def conv3d(
     inputs = _as_inputs("conv3d", inputs, act)
     if _backend.use_reference("conv3d", inputs[0].device):
         return reference.conv3d(inputs, weight, bias, act, skip)
+    if _backend.direct(inputs, weight, bias, skip):
+        return _backend.require_c("conv3d").conv3d_forward(inputs, weight, bias, _ACTS[act], skip,
+                                                          False)[0]
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (*inputs, weight, bias, skip))
     out, _ = _conv3d(inputs, weight, bias, _ACTS[act], skip, needs_grad and act == "softplus")

@@ -85,8 +85,10 @@ def conv3d_rl_divide(
     inputs = _prepare("conv3d_rl_divide", inputs, act, (weight, bias, skip, x))
     if _backend.use_reference("conv3d_rl_divide", inputs[0].device):
         return reference.conv3d_rl_divide(inputs, weight, bias, act, skip, x, eps, scale, shift)
-    return _conv3d_rl_divide(inputs, weight, bias, _ACTS[act], skip, x, float(eps), float(scale),
-                             float(shift))
+    args = (inputs, weight, bias, _ACTS[act], skip, x, float(eps), float(scale), float(shift))
+    if _backend.direct(inputs, weight, bias, skip, x):
+        return _backend.require_c("conv3d_rl_divide").conv3d_rl_divide_forward(*args)
+    return _conv3d_rl_divide(*args)
 
 
 def conv3d_rl_multiply(
@@ -105,4 +107,7 @@ def conv3d_rl_multiply(
     inputs = _prepare("conv3d_rl_multiply", inputs, act, (weight, bias, e))
     if _backend.use_reference("conv3d_rl_multiply", inputs[0].device):
         return reference.conv3d_rl_multiply(inputs, weight, bias, act, e, offset)
-    return _conv3d_rl_multiply(inputs, weight, bias, _ACTS[act], e, float(offset))
+    args = (inputs, weight, bias, _ACTS[act], e, float(offset))
+    if _backend.direct(inputs, weight, bias, e):
+        return _backend.require_c("conv3d_rl_multiply").conv3d_rl_multiply_forward(*args)
+    return _conv3d_rl_multiply(*args)

@@ -103,15 +103,6 @@ def _c(op: str):
     return _backend.require_c(op)
 
 
-def _eager(*tensors: torch.Tensor | None) -> bool:
-    """True when an RL op may call its C++ kernel straight away (these ops have no gradient): plain tensors (not the
-    fake or functional tensors of torch.compile and opcheck) that need no gradient. The
-    custom-op dispatcher's first call imports torch._dynamo (about 1 s and 80 MiB), which
-    Richardson–Lucy's eager loop never needs; traced calls still go through the op."""
-    return not torch.compiler.is_compiling() and all(
-        t is None or (type(t) is torch.Tensor and not t.requires_grad) for t in tensors)
-
-
 # --- checks repeated for tracing (fake tensors); the C++ checks say the same -----------------
 
 def _check_single(op: str, arg: str, t: torch.Tensor) -> None:
@@ -170,7 +161,7 @@ def rl_ratio_(blurred: torch.Tensor, image: torch.Tensor, background: float = 0.
     if _backend.use_reference("rl_ratio", blurred.device):
         blurred.copy_(reference_rl.rl_ratio(image, blurred, background, eps))
         return blurred
-    if _eager(blurred, image):
+    if _backend.direct(blurred, image):
         _c("rl_ratio").rl_ratio_forward(image, blurred, float(background), float(eps), blurred)
     else:
         _rl_ratio_(blurred, image, float(background), float(eps))
@@ -251,7 +242,7 @@ def rl_update_(correction: torch.Tensor, estimate: torch.Tensor, weights: EdgeWe
         _copy_results(correction, new, previous, step, change, g)
         return dots
     args = (*_w(weights), float(tv), float(tv_eps), float(clamp_min), bool(tv_periodic))
-    if _eager(correction, estimate, previous, change):
+    if _backend.direct(correction, estimate, previous, change):
         return _c("rl_update").rl_update_forward(estimate, correction, correction, previous, change,
                                                  *args)[1]
     return _rl_update_(correction, estimate, previous, change, *args)
@@ -295,7 +286,7 @@ def psf_conv_ratio(image: torch.Tensor, estimate: torch.Tensor, psf: torch.Tenso
     """
     if _backend.use_reference("psf_conv_ratio", estimate.device):
         return reference_rl.psf_conv_ratio(image, estimate, psf, background, eps)
-    if _eager(image, estimate, psf):
+    if _backend.direct(image, estimate, psf):
         return _c("psf_conv_ratio").psf_conv_ratio_forward(image, estimate, psf, float(background),
                                                            float(eps))
     return _psf_conv_ratio(image, estimate, psf, float(background), float(eps))
@@ -350,7 +341,7 @@ def psf_conv_update(estimate: torch.Tensor, ratio: torch.Tensor, psf: torch.Tens
     if _backend.use_reference("psf_conv_update", estimate.device):
         return reference_rl.psf_conv_update(estimate, ratio, psf, weights, tv, clamp_min, tv_eps)
     args = (*_w(weights), float(tv), float(tv_eps), float(clamp_min))
-    if _eager(estimate, ratio, psf):
+    if _backend.direct(estimate, ratio, psf):
         return _c("psf_conv_update").psf_conv_update_forward(estimate, ratio, psf, None, None, None,
                                                              *args)[0]
     return _psf_conv_update(estimate, ratio, psf, *args)
@@ -369,7 +360,7 @@ def psf_conv_update_(out: torch.Tensor, estimate: torch.Tensor, ratio: torch.Ten
         _copy_results(out, new, previous, step, change, g)
         return dots
     args = (*_w(weights), float(tv), float(tv_eps), float(clamp_min))
-    if _eager(out, estimate, ratio, psf, previous, change):
+    if _backend.direct(out, estimate, ratio, psf, previous, change):
         return _c("psf_conv_update").psf_conv_update_forward(estimate, ratio, psf, out, previous,
                                                              change, *args)[1]
     return _psf_conv_update_(out, estimate, ratio, psf, previous, change, *args)

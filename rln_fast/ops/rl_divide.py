@@ -78,4 +78,7 @@ def rl_divide(
         raise ValueError(f"rln_fast.rl_divide: 'gradients' must be 'exact' or 'paper', got {gradients!r}")
     if _backend.use_reference("rl_divide", x.device):
         return reference.rl_divide(x, fp, eps, scale, shift, gradients)
+    if _backend.direct(x, fp):
+        return _backend.require_c("rl_divide").rl_divide_forward(x, fp, float(eps), float(scale),
+                                                                 float(shift))
     return _rl_divide(x, fp, float(eps), float(scale), float(shift), gradients == "paper")

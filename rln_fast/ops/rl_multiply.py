@@ -66,4 +66,6 @@ def rl_multiply(
         raise ValueError(f"rln_fast.rl_multiply: 'gradients' must be 'exact' or 'paper', got {gradients!r}")
     if _backend.use_reference("rl_multiply", e.device):
         return reference.rl_multiply(e, bp, offset, gradients)
+    if _backend.direct(e, bp):
+        return _backend.require_c("rl_multiply").rl_multiply_forward(e, bp, float(offset))
     return _rl_multiply(e, bp, float(offset), gradients == "paper")
