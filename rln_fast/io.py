@@ -888,6 +888,8 @@ def _stack_metadata(src: dict) -> dict:
             if all(labels):
                 names = [str(n) for n in labels]
         record = attrs.get("rln_fast") if isinstance(attrs.get("rln_fast"), dict) else None
+    if "t" not in src["tc"]:  # a time step without time points means nothing here
+        dt, unit = None, None
     return {"channel_names": names, "time_increment": dt, "time_unit": unit,
             "processing": record, "omero_channels": channels}
 
