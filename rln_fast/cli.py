@@ -874,15 +874,16 @@ def _deconvolve(name: str, input_path: Path, output: Path, method: str, **kw: An
                + f", {summary['seconds']:.1f} s")
 
 
-def _say_voxel_sizes(name: str, input_path: Path, psf: Any, voxel_size: Any) -> None:
+def _say_voxel_sizes(name: str, input_path: Path, psf: Any, voxel_size: Any,
+                     image_said: bool = False) -> None:
     """Warn when the image's or the PSF's voxel size is unknown, saying what is assumed; say
-    when the PSF is resampled to the image's voxel size."""
+    when the PSF is resampled to the image's voxel size. ``psf``: None, a file or a list of
+    files (one per channel; the image's warning is given once)."""
     from . import io
 
-    psfs = psf if isinstance(psf, list) else [psf]
-    if len(psfs) > 1:
-        for p in psfs:
-            _say_voxel_sizes(name, input_path, p, voxel_size)
+    if isinstance(psf, list):
+        for i, p in enumerate(psf):
+            _say_voxel_sizes(name, input_path, p, voxel_size, image_said=i > 0)
         return
     psf = None if psf is None else Path(psf)
     psf_vox = None
@@ -898,7 +899,7 @@ def _say_voxel_sizes(name: str, input_path: Path, psf: Any, voxel_size: Any) -> 
             image_vox = io.open_stack(input_path).voxel_size
         except Exception:  # noqa: BLE001 - deconvolve_file reports an unreadable input itself
             return
-        if image_vox is None:
+        if image_vox is None and not image_said:
             if psf is None:
                 assumed = ""
             elif psf_vox is None:

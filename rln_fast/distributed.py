@@ -497,7 +497,8 @@ def _deconvolve_stack(stack: io.Stack, output: Any, t0: float, *, method: str, m
                     loaded[c] = _generate_psf(psf_model, shape, vox, na, waves[c], ni,
                                               psf_shape)
                 except ValueError as e:
-                    raise ValueError(f"channel {c}: {e}") from None
+                    e.args = (f"channel {c}: {e}",)
+                    raise
                 what = (f"{psf_model}, NA {na}, emission {waves[c]} µm, ni {ni}, shape "
                         f"{tuple(loaded[c].shape)}")
             elif psfs[c] is None:
@@ -527,8 +528,9 @@ def _deconvolve_stack(stack: io.Stack, output: Any, t0: float, *, method: str, m
                         rl_options=rlo[c], normalize=normalize, rescale=rescale,
                         device=device, voxel_size=vox, progress=False,
                         memory_budget=memory_budget)
-                except ValueError as e:
-                    raise ValueError(f"time point {t}, channel {c}: {e}") from None
+                except ValueError as e:  # the same error (ImageIOError stays one), placed
+                    e.args = (f"time point {t}, channel {c}: {e}",)
+                    raise
                 finally:
                     vol.close()
                 if bar is not None:
