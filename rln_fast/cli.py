@@ -951,7 +951,8 @@ def _deconvolve_options(fn: Callable) -> Callable:
         click.option("--ni", type=float, default=1.515, show_default=True,
                      help="Immersion refractive index (--psf-model)."),
         click.option("--psf-shape", nargs=3, type=int, default=None, metavar="D H W",
-                     help="Generated PSF size [the volume's, cropped to the PSF's support]."),
+                     help="Generated PSF size [the volume's, at most 65 129 129, cropped to the "
+                          "PSF's support]."),
         click.option("--num-iter", default="20", show_default=True, metavar="N[,N...]",
                      help="Richardson-Lucy iterations; a comma list gives one per channel."),
         click.option("--acceleration", type=click.Choice(["shb", "biggs", "none"]), default="shb",

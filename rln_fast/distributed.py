@@ -296,8 +296,8 @@ def deconvolve_file(
     every channel, a list (one per channel of the input, or one per selected channel) or a
     dict {channel: value}: ``model``, ``psf``, ``num_iter``, ``rl_options["background"]``
     and ``wavelength``. ``psf_model`` ("born-wolf" or "gibson-lanni") with ``na``,
-    ``wavelength`` (emission, µm), ``ni`` and ``psf_shape`` (default: the volume's, cropped
-    to the PSF's support) generates each channel's PSF at the image's voxel size instead of
+    ``wavelength`` (emission, µm), ``ni`` and ``psf_shape`` (default: the volume's, at most
+    65 x 129 x 129, cropped to the PSF's support) generates each channel's PSF at the image's voxel size instead of
     ``psf``.
 
     Safety, all checked before anything is written: an existing ``output`` is replaced only
@@ -366,6 +366,10 @@ def deconvolve_file(
 # ------------------------------------------------------------------ stacks (t, c, z, y, x)
 
 _PSF_MODELS = ("born-wolf", "gibson-lanni")
+# The largest generated PSF by default (z, y, x): the volume's sides up to these, then cropped
+# to the PSF's support; generating a widefield PSF as large as a big volume costs more than
+# its far tails give.
+_MAX_PSF_SHAPE = (65, 129, 129)
 
 
 def _values(value: Any) -> list[Any]:
@@ -395,8 +399,8 @@ def _rl_options_for(rl_options: dict | None, n: int, selected: list[int]) -> lis
 
 def _generate_psf(psf_model: str, shape: tuple[int, int, int], vox: Any, na: Any,
                   wavelength: Any, ni: float, psf_shape: Any) -> np.ndarray:
-    """A model PSF at the image's voxel size: ``psf_shape``, or the volume's (odd sides)
-    cropped to the PSF's support."""
+    """A model PSF at the image's voxel size: ``psf_shape``, or the volume's (odd sides, at
+    most _MAX_PSF_SHAPE) cropped to the PSF's support."""
     from rln_fast import psf as psf_models
 
     name = str(psf_model).lower().replace("_", "-")
@@ -409,7 +413,8 @@ def _generate_psf(psf_model: str, shape: tuple[int, int, int], vox: Any, na: Any
         raise ValueError(f"psf_model={name!r} needs na= and wavelength= (the emission "
                          "wavelength in µm, one per channel)")
     fn = psf_models.born_wolf if name == "born-wolf" else psf_models.gibson_lanni
-    size = tuple(psf_shape) if psf_shape else tuple(n - 1 + n % 2 for n in shape)
+    size = tuple(psf_shape) if psf_shape else tuple(
+        min(n - 1 + n % 2, cap) for n, cap in zip(shape, _MAX_PSF_SHAPE, strict=True))
     k = fn(size, tuple(vox), na=float(na), wavelength=float(wavelength), ni=float(ni))
     if not psf_shape:
         k = psf_models.prepare(k, background=None, crop=True)
