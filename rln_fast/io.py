@@ -5,6 +5,11 @@ volumes; ``open_volume`` reads boxes without loading the file; ``create_output``
 block by block from one or many processes, atomically and resumably (``<path>.partial`` plus a
 block record ``<path>.blocks/``, renamed into place by ``finalize``).
 
+Multi-channel and time-lapse files (axes t, c, z, y, x in the orders the formats allow):
+``open_stack`` reads them volume by volume (``Stack.volume(t, c)`` is a lazy (z, y, x)
+``Volume``) with their channel names and time step; ``create_stack_output`` writes one block
+by block, every (t, c) volume its own blocks, with the same resume and safety rules.
+
 Format names (``meta["format"]``, ``Volume.format``, ``OutputVolume.format``): "tiff" (plain),
 "imagej-tiff", "ome-tiff", "zarr" (a plain array), "ome-zarr-0.4", "ome-zarr-0.5".
 
@@ -410,6 +415,12 @@ def _stack_dims(shape: tuple[int, ...], axes: str, where: Path) -> tuple[tuple[i
         letters[1:] = ["Y", "X"]
     unknown = [f"{axes[d]}({shape[d]})" for d, a in zip(keep, letters, strict=True)
                if a not in "TCZYX"]
+    if any(a in _GENERIC for a in letters):
+        raise ImageIOError(
+            f"cannot read {where}: a {nd}-D image of shape {shape} whose file does not say "
+            "which axes are time, channel or z (a plain TIFF or an unnamed Zarr array); save "
+            "it as OME-TIFF, an ImageJ hyperstack or OME-Zarr, or give the Zarr array "
+            "dimension_names")
     if unknown:
         raise ImageIOError(
             f"cannot read {where}: axes {axes} of shape {shape} hold {', '.join(unknown)} that "

@@ -139,8 +139,11 @@ def test_volumes_pickle_and_single_volume_api_still_refuses(tmp_path):
 
 def test_axes_that_are_not_t_c_z_y_x_are_refused(tmp_path):
     tifffile.imwrite(tmp_path / "plain.tif", np.zeros((2, 3, 4, 8, 9), np.uint16))
-    with pytest.raises(io.ImageIOError, match="is not a time, channel or z/y/x axis"):
+    with pytest.raises(io.ImageIOError, match="does not say which axes are time, channel or z"):
         io.open_stack(tmp_path / "plain.tif")
+    tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((8, 9, 3), np.uint8), photometric="rgb")
+    with pytest.raises(io.ImageIOError, match=r"S\(3\) that is not a time, channel or z/y/x"):
+        io.open_stack(tmp_path / "rgb.tif")
 
 
 # ------------------------------------------------------------------- round trips
