@@ -297,8 +297,9 @@ def deconvolve_file(
     dict {channel: value}: ``model``, ``psf``, ``num_iter``, ``rl_options["background"]``
     and ``wavelength``. ``psf_model`` ("born-wolf" or "gibson-lanni") with ``na``,
     ``wavelength`` (emission, µm), ``ni`` and ``psf_shape`` (default: the volume's, at most
-    65 x 129 x 129, cropped to the PSF's support) generates each channel's PSF at the image's voxel size instead of
-    ``psf``.
+    65 x 129 x 129, cropped to the PSF's support) generates each channel's PSF at the
+    image's voxel size instead of ``psf``. A file with one channel and one time point is a
+    single volume (its output is (z, y, x)); these keywords then name that one channel.
 
     Safety, all checked before anything is written: an existing ``output`` is replaced only
     when rln_fast wrote it (a TIFF file for a TIFF output, a Zarr folder with rln_fast's
