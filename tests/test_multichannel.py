@@ -345,3 +345,44 @@ def test_two_worker_cluster_equals_one_process(tmp_path, series):
     assert summary["blocks"] == 16
     _same_stacks(one, two)
     assert json.loads(json.dumps(io.open_stack(two).processing))["time_points"] == [0, 1]
+
+
+@pytest.mark.parametrize("name", ["i.tif", "i.ome.tif"])
+def test_interrupted_tiff_stack_resumes_to_the_same_file(tmp_path, series, monkeypatch, name):
+    inp, k0, k1 = series
+    kw = {"psf": {0: k0, 1: k1}, "num_iter": 2, "tile": (4, 8, 18), "time": "1:",
+          "progress": False, "method": "rl"}
+    write, calls = io.OutputStack.write_block, []
+
+    def dies_on_the_seventh(self, index, data):
+        calls.append(index)
+        if len(calls) == 7:
+            raise KeyboardInterrupt
+        write(self, index, data)
+
+    monkeypatch.setattr(io.OutputStack, "write_block", dies_on_the_seventh)
+    out = tmp_path / name
+    with pytest.raises(KeyboardInterrupt) as info:
+        distributed.deconvolve_file(inp, out, **kw)
+    assert "6 of 16 finished blocks are kept" in info.value.__notes__[0]
+    monkeypatch.setattr(io.OutputStack, "write_block", write)
+    assert distributed.deconvolve_file(inp, out, **kw)["resumed_blocks"] == 6
+    fresh = tmp_path / f"fresh_{name}"
+    distributed.deconvolve_file(inp, fresh, **kw)
+    _same_stacks(out, fresh)
+
+
+def test_command_line_values_are_checked(tmp_path, series):
+    inp, k0, _ = series
+    for args, message in [
+        (["--num-iter", "3,-1"], "--num-iter '3,-1': -1 is negative; give 0 or more"),
+        (["--background", "0,dark"], "--background '0,dark': 'dark': give a number or 'auto'"),
+        (["--channels", "0,x"], "channel selection '0,x': 'x' is not an integer"),
+        (["--time", "0:2:0"], "time point selection '0:2:0': the step must not be 0"),
+    ]:
+        r = CliRunner().invoke(main, ["deconvolve", str(inp), str(tmp_path / "o.tif"), "--method",
+                                      "rl", "--psf", str(k0), "-q", *args])
+        lines = r.output.strip().splitlines()
+        assert r.exit_code == 1 and len(lines) == 1, r.output
+        assert lines[0].startswith(f"rln-fast deconvolve: {message}"), r.output
+    assert not (tmp_path / "o.tif").exists()
