@@ -791,6 +791,44 @@ def bench_cmd(device: str | None, size: Any, quick: bool, rounds: int | None,
 # --------------------------------------------------------------------------- deconvolve
 
 
+def _split(text: Any, flag: str, convert: Callable[[str], Any] = str) -> Any:
+    """A per-channel option: one value, or a comma list (one per channel) as a list."""
+    if text is None:
+        return None
+    parts = [p.strip() for p in str(text).split(",")]
+    if any(p == "" for p in parts):
+        raise CommandError(f"{flag} {text!r}: an empty entry; give one value, or one per "
+                           "channel separated by commas")
+    try:
+        values = [convert(p) for p in parts]
+    except ValueError as e:
+        raise CommandError(f"{flag} {text!r}: {e}") from None
+    return values[0] if len(values) == 1 else values
+
+
+def _count(text: str) -> int:
+    n = int(text)
+    if n < 0:
+        raise ValueError(f"{n} is negative; give 0 or more")
+    return n
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number") from None
+
+
+def _background(text: str) -> Any:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{text!r}: give a number or 'auto'") from None
+
+
 def _deconvolve(name: str, input_path: Path, output: Path, method: str, **kw: Any) -> None:
     from .distributed import deconvolve_file
 
@@ -801,38 +839,53 @@ def _deconvolve(name: str, input_path: Path, output: Path, method: str, **kw: An
         raise CommandError(f"input {input_path} does not exist; check the path")
     if output.resolve() == input_path.resolve():
         raise CommandError(f"output {output} is the input; choose another output path")
-    if method == "rl" and kw["psf"] is None:
-        raise CommandError("--method rl needs --psf PSF.tif (make one with `rln-fast psf`)")
-    if method == "rln" and kw["psf"] is not None:
-        raise CommandError("--psf is for --method rl; RLN learned its PSF in training")
+    psf = _split(kw.pop("psf"), "--psf")
+    psf_model = kw.pop("psf_model")
+    if method == "rl" and psf is None and psf_model is None:
+        raise CommandError("--method rl needs --psf PSF.tif (make one with `rln-fast psf`) or "
+                           "--psf-model with --na and --wavelength")
+    if method == "rln" and (psf is not None or psf_model is not None):
+        raise CommandError(f"{'--psf' if psf is not None else '--psf-model'} is for --method "
+                           "rl; RLN learned its PSF in training")
+    if psf is not None and psf_model is not None:
+        raise CommandError("give --psf FILE or --psf-model MODEL, not both")
+    wavelength, na = _split(kw.pop("wavelength"), "--wavelength", _number), kw.pop("na")
+    if psf_model is None and (wavelength is not None or na is not None or kw["psf_shape"]):
+        raise CommandError("--na, --wavelength and --psf-shape describe a generated PSF; add "
+                           "--psf-model born-wolf (or gibson-lanni)")
     rl_options = {"acceleration": kw.pop("acceleration"), "edges": kw.pop("edges"),
-                  "tv": kw.pop("tv"), "background": kw.pop("background")}
-    bg = rl_options["background"]
-    if bg != "auto":
-        try:
-            rl_options["background"] = float(bg)
-        except ValueError:
-            raise CommandError(f"--background {bg!r}: give a number or 'auto'") from None
+                  "tv": kw.pop("tv"),
+                  "background": _split(kw.pop("background"), "--background", _background)}
     normalize = kw.pop("normalize")
-    _say_voxel_sizes(name, input_path, kw["psf"], kw["voxel_size"])
+    _say_voxel_sizes(name, input_path, psf, kw["voxel_size"])
     summary = deconvolve_file(
         input_path, output, method=method, rl_options=rl_options,
         normalize=None if normalize == "none" else normalize, device=_check_device(kw.pop("device")),
         voxel_size=kw.pop("voxel_size") or None, tile=kw.pop("tile") or None,
         scheduler=kw.pop("scheduler"), n_workers=kw.pop("n_workers"), resume=kw.pop("resume"),
-        overwrite=kw.pop("overwrite"), num_iter=kw.pop("num_iter"),
-        model=kw.pop("model"), official_checkpoint=kw.pop("official_checkpoint"), **kw)
+        overwrite=kw.pop("overwrite"), num_iter=_split(kw.pop("num_iter"), "--num-iter", _count),
+        model=_split(kw.pop("model"), "--model"), official_checkpoint=kw.pop("official_checkpoint"),
+        psf=psf, psf_model=psf_model, wavelength=wavelength, na=na,
+        psf_shape=kw.pop("psf_shape") or None, **kw)
     resumed = summary["resumed_blocks"]
-    _echo(f"wrote {output}: {summary['blocks']} block(s) of {summary['block']}"
+    volumes = f" in {summary['volumes']} volumes" if "volumes" in summary else ""
+    _echo(f"wrote {output}: {summary['blocks']} block(s) of {summary['block']}{volumes}"
                + (f", {resumed} kept from an interrupted run" if resumed else "")
                + f", {summary['seconds']:.1f} s")
 
 
-def _say_voxel_sizes(name: str, input_path: Path, psf: Path | None, voxel_size: Any) -> None:
+def _say_voxel_sizes(name: str, input_path: Path, psf: Any, voxel_size: Any,
+                     image_said: bool = False) -> None:
     """Warn when the image's or the PSF's voxel size is unknown, saying what is assumed; say
-    when the PSF is resampled to the image's voxel size."""
+    when the PSF is resampled to the image's voxel size. ``psf``: None, a file or a list of
+    files (one per channel; the image's warning is given once)."""
     from . import io
 
+    if isinstance(psf, list):
+        for i, p in enumerate(psf):
+            _say_voxel_sizes(name, input_path, p, voxel_size, image_said=i > 0)
+        return
+    psf = None if psf is None else Path(psf)
     psf_vox = None
     if psf is not None:
         try:
@@ -843,11 +896,10 @@ def _say_voxel_sizes(name: str, input_path: Path, psf: Path | None, voxel_size: 
         image_vox = tuple(voxel_size)
     else:
         try:
-            with io.open_volume(input_path) as src:
-                image_vox = src.voxel_size
+            image_vox = io.open_stack(input_path).voxel_size
         except Exception:  # noqa: BLE001 - deconvolve_file reports an unreadable input itself
             return
-        if image_vox is None:
+        if image_vox is None and not image_said:
             if psf is None:
                 assumed = ""
             elif psf_vox is None:
@@ -877,14 +929,32 @@ def _deconvolve_options(fn: Callable) -> Callable:
         click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path)),
         click.argument("output", type=click.Path(path_type=Path)),
         click.option("--model", default="default", show_default=True,
-                     help="RLN weights: 'default' (shipped) or a .pt file from RLN.save / train."),
+                     help="RLN weights: 'default' (shipped) or a .pt file from RLN.save / train; "
+                          "a comma list gives one per channel."),
+        click.option("--channels", default=None, metavar="SEL",
+                     help="Channels to deconvolve, e.g. 0,2 (others are copied through "
+                          "unchanged) [all]."),
+        click.option("--time", default=None, metavar="SEL",
+                     help="Time points to deconvolve and write, e.g. 0:50 or ::2 [all]."),
         click.option("--official-checkpoint", default=None, metavar="PREFIX",
                      help="RLN from the released TF checkpoint (prefix of model.ckpt-N.*)."),
-        click.option("--psf", type=click.Path(path_type=Path), default=None,
+        click.option("--psf", default=None, metavar="FILE[,FILE...]",
                      help="PSF file for --method rl (TIFF/Zarr; resampled when its voxel size "
-                          "differs from the image's)."),
-        click.option("--num-iter", type=click.IntRange(min=0), default=20, show_default=True,
-                     help="Richardson-Lucy iterations."),
+                          "differs from the image's); a comma list gives one per channel."),
+        click.option("--psf-model", type=click.Choice(["born-wolf", "gibson-lanni"]),
+                     default=None, help="Generate each channel's PSF at the image's voxel size "
+                                        "instead (with --na, --wavelength)."),
+        click.option("--na", type=float, default=None, help="Numerical aperture (--psf-model)."),
+        click.option("--wavelength", default=None, metavar="UM[,UM...]",
+                     help="Emission wavelength in µm (--psf-model); a comma list gives one per "
+                          "channel, e.g. 0.461,0.52."),
+        click.option("--ni", type=float, default=1.515, show_default=True,
+                     help="Immersion refractive index (--psf-model)."),
+        click.option("--psf-shape", nargs=3, type=int, default=None, metavar="D H W",
+                     help="Generated PSF size [the volume's, at most 65 129 129, cropped to the "
+                          "PSF's support]."),
+        click.option("--num-iter", default="20", show_default=True, metavar="N[,N...]",
+                     help="Richardson-Lucy iterations; a comma list gives one per channel."),
         click.option("--acceleration", type=click.Choice(["shb", "biggs", "none"]), default="shb",
                      show_default=True,
                      help="RL acceleration: scaled heavy ball, Biggs-Andrews or none (plain RL)."),
@@ -893,7 +963,8 @@ def _deconvolve_options(fn: Callable) -> Callable:
         click.option("--tv", type=float, default=0.0, show_default=True,
                      help="RL-TV weight (0: none)."),
         click.option("--background", default="auto", show_default=True,
-                     help="RL background: a number, or 'auto' (the image's 1st percentile)."),
+                     help="RL background: a number, or 'auto' (the image's 1st percentile); a "
+                          "comma list gives one per channel."),
         click.option("--normalize", type=click.Choice(["global", "official", "none"]),
                      default="global", show_default=True,
                      help="RLN input normalisation by the volume's 0.01 and 99.5 percentiles; "
@@ -931,7 +1002,10 @@ def _deconvolve_options(fn: Callable) -> Callable:
 @clean_errors("deconvolve")
 def deconvolve_cmd(input_path: Path, output: Path, method: str, **kw: Any) -> None:
     """Deconvolve INPUT (TIFF, OME-TIFF, OME-Zarr) into OUTPUT (.tif, .ome.tif, .zarr), block by
-    block within the memory budget; an interrupted run resumes where it stopped."""
+    block within the memory budget; an interrupted run resumes where it stopped.
+
+    Multi-channel and time-lapse inputs keep their axes, channel names and time step;
+    per-channel settings are comma lists (--psf a.tif,b.tif --num-iter 20,40)."""
     _deconvolve("deconvolve", input_path, output, method, **kw)
 
 

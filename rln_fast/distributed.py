@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import time
+import time as _time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from rln_fast import io, tiling
+from rln_fast.stack import parse_selection, per_channel
 
 __all__ = ["BlockJob", "deconvolve_file", "make_job", "map_overlap"]
 
@@ -262,24 +263,44 @@ def _plan(job: BlockJob, shape: tuple[int, ...], tile: Any, memory_budget: Any) 
 
 def deconvolve_file(
     input: str | os.PathLike, output: str | os.PathLike, *, method: str = "rln",
-    model: Any = None, official_checkpoint: Any = None, psf: Any = None, num_iter: int = 20,
+    model: Any = None, official_checkpoint: Any = None, psf: Any = None, num_iter: Any = 20,
     rl_options: dict[str, Any] | None = None, normalize: str | None = "global",
     rescale: bool = True, tile: Any = None, memory_budget: Any = None, device: Any = None,
     voxel_size: Any = None, ngff: str = "0.5", scheduler: Any = None, n_workers: int | None = None,
-    resume: bool = True, overwrite: bool = False, progress: bool = True,
+    resume: bool = True, overwrite: bool = False, progress: bool = True, channels: Any = None,
+    time: Any = None, psf_model: str | None = None, wavelength: Any = None,
+    na: float | None = None, ni: float = 1.515, psf_shape: Any = None,
 ) -> dict[str, Any]:
-    """Deconvolve a TIFF/Zarr volume into a TIFF/OME-Zarr file (format by suffix), streaming.
+    """Deconvolve a TIFF/Zarr volume or stack into a TIFF/OME-Zarr file (format by suffix),
+    streaming.
 
     method "rln" (model: None/"default" = the shipped one, a path from RLN.save, an RLN; or
     official_checkpoint = a TF checkpoint prefix) or "rl" (psf: a file or an array;
     num_iter; rl_options: richardson_lucy's keywords such as acceleration, edges, tv,
     background). normalize (RLN): "global", "official" or None/"none" as in rln_deconvolve,
     the percentiles always over the whole volume. tile (D, H, W) or memory_budget ("4GB";
-    default: what is free on the device) sets the block size; the output is float32, written as one block per tile (a Zarr shard
-    each), voxel size from the input unless ``voxel_size`` is given. scheduler: None (this
-    process), "local" (a Dask LocalCluster, or dask-cuda's LocalCUDACluster with one worker
-    per GPU when installed) or a scheduler address. resume: keep the finished blocks of an
-    interrupted run with the same inputs and settings. Returns a summary (blocks, seconds).
+    default: what is free on the device) sets the block size; the output is float32, written
+    as one block per tile (a Zarr shard each), voxel size from the input unless
+    ``voxel_size`` is given. scheduler: None (this process), "local" (a Dask LocalCluster, or
+    dask-cuda's LocalCUDACluster with one worker per GPU when installed) or a scheduler
+    address. resume: keep the finished blocks of an interrupted run with the same inputs and
+    settings. Returns a summary (blocks, seconds).
+
+    Multi-channel and time-lapse inputs (OME-TIFF, ImageJ hyperstacks, OME-Zarr; see
+    :func:`rln_fast.io.open_stack`) give an output with the same axes (in the input's order
+    where the output format allows it), voxel size, channel names and time increment, and a
+    record of what was done to each channel in its metadata. Each (t, c) volume is
+    deconvolved on its own, block by block, in one resumable run (one Dask task per block of
+    every volume). ``channels`` ("0,2", a list, None = all): the channels to deconvolve, the
+    others are copied through unchanged (as float32); ``time`` ("0:50", a list, a slice,
+    None = all): the time points the output holds. Per-channel settings take one value for
+    every channel, a list (one per channel of the input, or one per selected channel) or a
+    dict {channel: value}: ``model``, ``psf``, ``num_iter``, ``rl_options["background"]``
+    and ``wavelength``. ``psf_model`` ("born-wolf" or "gibson-lanni") with ``na``,
+    ``wavelength`` (emission, µm), ``ni`` and ``psf_shape`` (default: the volume's, at most
+    65 x 129 x 129, cropped to the PSF's support) generates each channel's PSF at the
+    image's voxel size instead of ``psf``. A file with one channel and one time point is a
+    single volume (its output is (z, y, x)); these keywords then name that one channel.
 
     Safety, all checked before anything is written: an existing ``output`` is replaced only
     when rln_fast wrote it (a TIFF file for a TIFF output, a Zarr folder with rln_fast's
@@ -290,18 +311,48 @@ def deconvolve_file(
     rerun can resume them (interrupted, or a disk error after some blocks), else removes
     what it reserved; the exception's note (``__notes__``) says which.
     """
-    t0 = time.perf_counter()
-    inputs = [input] + [p for p in (psf, model, official_checkpoint)
+    t0 = _time.perf_counter()
+    files = [p for v in (psf, model) for p in _values(v)]
+    inputs = [input] + [p for p in (*files, official_checkpoint)
                         if isinstance(p, (str, os.PathLike)) and Path(p).exists()]
     if official_checkpoint is not None:
         inputs += [f"{official_checkpoint}.index"]
+    if psf_model is not None and psf is not None:
+        raise ValueError("give psf= (files or arrays) or psf_model= (generated), not both")
     lock = io.claim_output(output, ngff=ngff, overwrite=overwrite, inputs=inputs)
     try:
-        src = io.open_volume(input)
         try:
-            return _deconvolve_file(src, output, t0, lock, method=method, model=model,
-                                    official_checkpoint=official_checkpoint, psf=psf,
-                                    num_iter=num_iter, rl_options=rl_options,
+            src = io.open_volume(input)
+        except io.ImageIOError as e:
+            if "single channel and time point" not in str(e):
+                raise
+            stack = io.open_stack(input)
+            return _deconvolve_stack(stack, output, t0, method=method, model=model,
+                                     official_checkpoint=official_checkpoint, psf=psf,
+                                     num_iter=num_iter, rl_options=rl_options,
+                                     normalize=normalize, rescale=rescale, tile=tile,
+                                     memory_budget=memory_budget, device=device,
+                                     voxel_size=voxel_size, ngff=ngff, scheduler=scheduler,
+                                     n_workers=n_workers, resume=resume, overwrite=overwrite,
+                                     inputs=inputs, progress=progress, channels=channels,
+                                     time=time, psf_model=psf_model, wavelength=wavelength,
+                                     na=na, ni=ni, psf_shape=psf_shape)
+        try:
+            # One volume: the selections and per-channel settings have one channel to name.
+
+            parse_selection(time, 1, "time point")
+            selected = parse_selection(channels, 1, "channel")
+            one = {k: per_channel(v, 1, k, selected)[0] for k, v in
+                   (("model", model), ("psf", psf), ("num_iter", num_iter),
+                    ("wavelength", wavelength))}
+            rl_options = _rl_options_for(rl_options, 1, selected)[0]
+            if psf_model is not None:
+                vox = tuple(voxel_size) if voxel_size is not None else src.voxel_size
+                one["psf"] = _generate_psf(psf_model, src.shape, vox, na, one["wavelength"], ni,
+                                           psf_shape)
+            return _deconvolve_file(src, output, t0, lock, method=method, model=one["model"],
+                                    official_checkpoint=official_checkpoint, psf=one["psf"],
+                                    num_iter=one["num_iter"], rl_options=rl_options,
                                     normalize=normalize, rescale=rescale, tile=tile,
                                     memory_budget=memory_budget, device=device,
                                     voxel_size=voxel_size, ngff=ngff, scheduler=scheduler,
@@ -311,6 +362,283 @@ def deconvolve_file(
             src.close()
     finally:
         lock.release()
+
+
+# ------------------------------------------------------------------ stacks (t, c, z, y, x)
+
+_PSF_MODELS = ("born-wolf", "gibson-lanni")
+# The largest generated PSF by default (z, y, x): the volume's sides up to these, then cropped
+# to the PSF's support; generating a widefield PSF as large as a big volume costs more than
+# its far tails give.
+_MAX_PSF_SHAPE = (65, 129, 129)
+
+
+def _values(value: Any) -> list[Any]:
+    """The single values in a per-channel setting (for the input-safety check)."""
+    if isinstance(value, dict):
+        return list(value.values())
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]
+
+
+def _rl_options_for(rl_options: dict | None, n: int, selected: list[int]) -> list[dict]:
+    """richardson_lucy's options per channel: ``background`` may be given per channel."""
+    opts = dict(rl_options or {})
+    backgrounds = per_channel(opts.pop("background", "auto"), n, "background", selected)
+    return [{**opts, "background": "auto" if b is None else b} for b in backgrounds]
+
+
+def _generate_psf(psf_model: str, shape: tuple[int, int, int], vox: Any, na: Any,
+                  wavelength: Any, ni: float, psf_shape: Any) -> np.ndarray:
+    """A model PSF at the image's voxel size: ``psf_shape``, or the volume's (odd sides, at
+    most _MAX_PSF_SHAPE) cropped to the PSF's support."""
+    from rln_fast import psf as psf_models
+
+    name = str(psf_model).lower().replace("_", "-")
+    if name not in _PSF_MODELS:
+        raise ValueError(f"psf_model must be one of {', '.join(_PSF_MODELS)}, got {psf_model!r}")
+    if vox is None:
+        raise ValueError("psf_model= generates the PSF at the image's voxel size, but the input "
+                         "has none in its metadata; give voxel_size= (--voxel-size DZ DY DX)")
+    if na is None or wavelength is None:
+        raise ValueError(f"psf_model={name!r} needs na= and wavelength= (the emission "
+                         "wavelength in µm, one per channel)")
+    fn = psf_models.born_wolf if name == "born-wolf" else psf_models.gibson_lanni
+    size = tuple(psf_shape) if psf_shape else tuple(
+        min(n - 1 + n % 2, cap) for n, cap in zip(shape, _MAX_PSF_SHAPE, strict=True))
+    k = fn(size, tuple(vox), na=float(na), wavelength=float(wavelength), ni=float(ni))
+    if not psf_shape:
+        k = psf_models.prepare(k, background=None, crop=True)
+    return np.asarray(k, np.float32)
+
+
+def _describe(value: Any, default: str) -> Any:
+    if value is None:
+        return default
+    if isinstance(value, (str, os.PathLike)):
+        return str(value)
+    if hasattr(value, "shape"):
+        return f"an array of shape {tuple(value.shape)}"
+    return type(value).__name__
+
+
+@dataclass
+class _CopyJob:
+    """A channel that is not deconvolved: its blocks are copied through (as float32)."""
+
+    method: str = "copy"
+    halo: tuple[int, int, int] = (0, 0, 0)
+    device: str | None = None
+
+    def run(self, source: io.Volume, out: Any, tile: tiling.Tile, callback: Any = None) -> Any:
+        out.write_block(tile.index, np.asarray(source[tile.outer], np.float32))
+        return tile.index
+
+
+def _stack_plan(jobs: dict, shape: tuple[int, int, int], tile: Any, memory_budget: Any) -> tuple:
+    """One block shape for every volume (the output's blocks): the smallest core any
+    channel's job plans, with even sides when an RLN job needs them."""
+    cores = [_plan(job, shape, tile, memory_budget)[0] for job in jobs.values()]
+    core = tuple(min(c) for c in zip(*cores, strict=True))
+    if any(job.even for job in jobs.values()):
+        core = tuple(c - 1 if c % 2 and 1 < c < n else c for c, n in zip(core, shape,
+                                                                        strict=True))
+    return core
+
+
+def _deconvolve_stack(stack: io.Stack, output: Any, t0: float, *, method: str, model: Any,
+                      official_checkpoint: Any, psf: Any, num_iter: Any, rl_options: Any,
+                      normalize: Any, rescale: bool, tile: Any, memory_budget: Any,
+                      device: Any, voxel_size: Any, ngff: str, scheduler: Any, n_workers: Any,
+                      resume: bool, overwrite: bool, inputs: list, progress: bool,
+                      channels: Any, time: Any, psf_model: Any, wavelength: Any, na: Any,
+                      ni: float, psf_shape: Any) -> dict[str, Any]:
+    from rln_fast import __version__
+
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    n_t, n_c, shape = stack.n_time, stack.n_channels, stack.volume_shape
+    sel_c = parse_selection(channels, n_c, "channel")
+    sel_t = parse_selection(time, n_t, "time point")
+    models = per_channel(model, n_c, "model", sel_c)
+    psfs = per_channel(psf, n_c, "psf", sel_c)
+    iters = per_channel(num_iter, n_c, "num_iter", sel_c)
+    waves = per_channel(wavelength, n_c, "wavelength", sel_c)
+    rlo = _rl_options_for(rl_options, n_c, sel_c)
+    vox = tuple(voxel_size) if voxel_size is not None else stack.voxel_size
+    names = stack.channel_names
+
+    # What each deconvolved channel uses, loaded once: its model (RLN) or PSF (RL).
+    loaded: dict[int, Any] = {}
+    cache: dict[str, Any] = {}
+    record_channels = []
+    for c in range(n_c):
+        entry: dict[str, Any] = {"channel": c, **({"name": names[c]} if names else {})}
+        if c not in sel_c:
+            entry.update(deconvolved=False, note="passed through unchanged (as float32)")
+        elif method == "rln":
+            key = repr(models[c]) if isinstance(models[c], (str, os.PathLike, type(None))) \
+                else str(id(models[c]))
+            if key not in cache:
+                cache[key] = _load_model(models[c], official_checkpoint)
+            loaded[c] = cache[key]
+            entry.update(deconvolved=True, method="rln", normalize=normalize or "none",
+                         model=("official checkpoint " + str(official_checkpoint)
+                                if official_checkpoint is not None
+                                else _describe(models[c], "default")))
+        else:
+            if psf_model is not None:
+                try:
+                    loaded[c] = _generate_psf(psf_model, shape, vox, na, waves[c], ni,
+                                              psf_shape)
+                except ValueError as e:
+                    e.args = (f"channel {c}: {e}",)
+                    raise
+                what = (f"{psf_model}, NA {na}, emission {waves[c]} µm, ni {ni}, shape "
+                        f"{tuple(loaded[c].shape)}")
+            elif psfs[c] is None:
+                raise ValueError(f"Richardson-Lucy needs a PSF for channel {c}: give psf= (a "
+                                 "file or array, one per channel, or a dict) or psf_model=")
+            else:
+                loaded[c] = _load_psf(psfs[c], vox)
+                what = _describe(psfs[c], "")
+            n_iter = 20 if iters[c] is None else int(iters[c])
+            entry.update(deconvolved=True, method="rl", psf=what, num_iter=n_iter,
+                         **{k: v for k, v in sorted(rlo[c].items()) if v is not None})
+        record_channels.append(entry)
+
+    # One BlockJob per selected volume (its own normalisation / background statistics).
+    jobs: dict[tuple[int, int], Any] = {}
+    bar = tiling.progress_bar(len(sel_t) * len(sel_c), "volume statistics", progress,
+                              unit="volume")
+    try:
+        for t_out, t in enumerate(sel_t):
+            for c in sel_c:
+                vol = stack.volume(t, c)
+                try:
+                    jobs[(t_out, c)] = make_job(
+                        vol, method=method, model=loaded.get(c) if method == "rln" else None,
+                        psf=loaded.get(c) if method == "rl" else None,
+                        num_iter=20 if iters[c] is None else int(iters[c]),
+                        rl_options=rlo[c], normalize=normalize, rescale=rescale,
+                        device=device, voxel_size=vox, progress=False,
+                        memory_budget=memory_budget)
+                except ValueError as e:  # the same error (ImageIOError stays one), placed
+                    e.args = (f"time point {t}, channel {c}: {e}",)
+                    raise
+                finally:
+                    vol.close()
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    first = {c: jobs[(0, c)] for c in sel_c}
+    core = _stack_plan(first, shape, tile, memory_budget)
+    grids = {c: tiling.tile_grid(shape, core, first[c].halo, even=first[c].even) for c in sel_c}
+    copy_grid = tiling.tile_grid(shape, core, (0, 0, 0))
+
+    # Time points picked at a regular step keep a time increment (times the step).
+    dt = stack.time_increment
+    steps = {b - a for a, b in zip(sel_t, sel_t[1:], strict=False)}
+    if dt is not None and len(steps) == 1:
+        dt = dt * steps.pop()
+    elif dt is not None and steps:
+        dt = None  # irregular: the record lists the time points taken
+    record = {"software": f"rln_fast {__version__}", "input": str(stack.path),
+              "time_points": sel_t, "channels": record_channels}
+    st = os.stat(stack.path) if stack.path.is_file() else None
+    fingerprint = {"input": str(stack.path.resolve()), "input_bytes": st.st_size if st else None,
+                   "input_mtime_ns": st.st_mtime_ns if st else None, "time": sel_t,
+                   "channels": sel_c,
+                   "volumes": [[t, c, j.fingerprint()] for (t, c), j in sorted(jobs.items())]}
+    out = io.create_stack_output(
+        output, stack.axes, len(sel_t), n_c, shape, np.float32, core, voxel_size=vox,
+        channel_names=names, time_increment=dt, time_unit=stack.time_unit, processing=record,
+        omero_channels=stack._omero_channels, ngff=ngff, fingerprint=fingerprint,
+        resume=resume, overwrite=overwrite, inputs=inputs)
+    done = out.done_blocks()
+    copy = _CopyJob()
+    tasks, total = [], 0
+    for t_out, t in enumerate(sel_t):
+        for c in range(n_c):
+            job, grid = (jobs[(t_out, c)], grids[c]) if c in sel_c else (copy, copy_grid)
+            total += len(grid)
+            tasks += [(job, (t, c), (t_out, c), g) for g in grid
+                      if (t_out, c, *g.index) not in done]
+    try:
+        if scheduler is None:
+            _run_stack_here(tasks, stack, out, progress)
+        else:
+            _run_stack_dask(tasks, stack, out, scheduler, n_workers, device, progress)
+        out.finalize()
+    except BaseException as e:
+        kept = len(out.done_blocks())
+        resumable = isinstance(e, (KeyboardInterrupt, OSError, io.ImageIOError)) and kept > 0
+        out.abort(keep_record=resumable)
+        if resumable:
+            _note(e, f"{kept} of {total} finished blocks are kept in {out._partial}: rerun "
+                     "the same command to resume")
+        else:
+            _note(e, f"nothing was kept: {out._partial.name} and {out._record.name} were "
+                     "removed")
+        raise
+    return {"blocks": total, "resumed_blocks": total - len(tasks), "block": core,
+            "halo": {c: first[c].halo for c in sel_c}, "volumes": len(sel_t) * n_c,
+            "axes": out.axes, "seconds": _time.perf_counter() - t0, "output": str(output)}
+
+
+def _run_stack_here(tasks: list, stack: io.Stack, out: io.OutputStack, progress: bool) -> None:
+    """Block after block, volume after volume, in this process; one bar over all blocks
+    that says which volume it is in."""
+    bar = tiling.progress_bar(len(tasks), "blocks", progress, unit="block", min_total=1)
+    where, src, dst = None, None, None
+    try:
+        for job, at, at_out, t in tasks:
+            if at != where:
+                if src is not None:
+                    src.close()
+                where, src, dst = at, stack.volume(*at), out.volume(*at_out)
+                if bar is not None:
+                    bar.set_postfix_str(f"t {at_out[0] + 1}/{out.n_time}, c {at[1]} "
+                                        f"({job.method})", refresh=False)
+            job.run(src, dst, t)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if src is not None:
+            src.close()
+        if bar is not None:
+            bar.close()
+
+
+def _run_stack_dask(tasks: list, stack: io.Stack, out: io.OutputStack, scheduler: Any,
+                    n_workers: int | None, device: Any, progress: bool) -> None:
+    """One Dask task per block of every volume; each volume's job is sent once."""
+    try:
+        from distributed import as_completed
+    except ImportError as e:
+        raise RuntimeError("scheduler= needs dask.distributed: pip install 'rln-fast[dask]'") from e
+    client, cluster = _client(scheduler, n_workers, None if device is None else str(device))
+    bar = tiling.progress_bar(len(tasks), "blocks", progress, unit="block")
+    try:
+        distinct = list({id(job): job for job, *_ in tasks}.values())
+        sent = dict(zip((id(j) for j in distinct), client.scatter(distinct, broadcast=True),
+                        strict=True)) if distinct else {}
+        futures = [client.submit(_run_block, sent[id(job)], stack.volume(*at),
+                                 out.volume(*at_out), t, pure=False)
+                   for job, at, at_out, t in tasks]
+        for f in as_completed(futures):
+            f.result()
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        client.close()
+        if cluster is not None:
+            cluster.close()
 
 
 def _note(e: BaseException, text: str) -> None:
@@ -360,7 +688,7 @@ def _deconvolve_file(src: io.Volume, output: Any, t0: float, lock: Any, *, metho
                      "removed")
         raise
     return {"blocks": len(tiles), "resumed_blocks": len(tiles) - len(todo), "block": core,
-            "halo": job.halo, "seconds": time.perf_counter() - t0, "output": str(output)}
+            "halo": job.halo, "seconds": _time.perf_counter() - t0, "output": str(output)}
 
 
 def _run_here(job: BlockJob, src: io.Volume, out: io.OutputVolume, todo: list, progress: bool):

@@ -5,6 +5,11 @@ volumes; ``open_volume`` reads boxes without loading the file; ``create_output``
 block by block from one or many processes, atomically and resumably (``<path>.partial`` plus a
 block record ``<path>.blocks/``, renamed into place by ``finalize``).
 
+Multi-channel and time-lapse files (axes t, c, z, y, x in the orders the formats allow):
+``open_stack`` reads them volume by volume (``Stack.volume(t, c)`` is a lazy (z, y, x)
+``Volume``) with their channel names and time step; ``create_stack_output`` writes one block
+by block, every (t, c) volume its own blocks, with the same resume and safety rules.
+
 Format names (``meta["format"]``, ``Volume.format``, ``OutputVolume.format``): "tiff" (plain),
 "imagej-tiff", "ome-tiff", "zarr" (a plain array), "ome-zarr-0.4", "ome-zarr-0.5".
 
@@ -27,8 +32,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ImageIOError", "OutputVolume", "Volume", "check_not_inside", "claim_output",
-           "create_output", "open_volume", "read", "write"]
+__all__ = ["ImageIOError", "OutputStack", "OutputVolume", "Stack", "Volume", "check_not_inside",
+           "claim_output", "create_output", "create_stack_output", "open_stack", "open_volume",
+           "read", "stack_output_axes", "write"]
 
 NGFF_VERSIONS = ("0.4", "0.5")
 # ImageJ stores 8-bit, 16-bit (signed or not) and 32-bit float only (tifffile enforces it).
@@ -228,7 +234,8 @@ def _is_own_record(record: Path) -> bool:
         names = [e.name for e in os.scandir(record)]
     except OSError:
         return False
-    return all(_BLOCK_NAME.match(n) or n.startswith("fingerprint.json") for n in names)
+    return all(_BLOCK_NAME.match(n) or _STACK_BLOCK_NAME.match(n)
+               or n.startswith("fingerprint.json") for n in names)
 
 
 def _check_replaceable(path: Path, fmt: str, overwrite: bool, record: bool = False) -> None:
@@ -385,13 +392,56 @@ def _squeeze_dims(shape: tuple[int, ...], axes: str, where: Path) -> tuple[int, 
     if not spatial_ok:
         raise ImageIOError(
             f"cannot read {where}: a {nd}-D image of shape {shape} (axes {axes}) is not one 3-D "
-            "volume (z, y, x); rln_fast reads a single channel and time point: save each "
-            "channel / time point as its own file")
+            "volume (z, y, x); read and open_volume take a single channel and time point: "
+            "open it with rln_fast.io.open_stack (rln-fast deconvolve takes such stacks)")
     return keep[0], keep[1], keep[2]
 
 
-def _index(keep: Sequence[int], ndim: int, box: tuple[slice, slice, slice]) -> tuple:
+def _stack_dims(shape: tuple[int, ...], axes: str, where: Path) -> tuple[tuple[int, int, int],
+                                                                        dict[str, int], str]:
+    """For a multi-volume file: the dims of (z, y, x), the dims of t and c (when present) and
+    the kept axes in file order (lower case), after dropping singletons of other axes."""
+    nd = len(shape)
+    if nd < 3:
+        raise ImageIOError(f"cannot read {where}: it is a {nd}-D image of shape {shape}, not a "
+                           "stack of 3-D volumes (z, y, x); give a z-stack")
+    keep = [d for d in range(nd) if shape[d] > 1 or axes[d] in "TCZYX"]
+    while len(keep) < 3:  # tiny files: bring singleton axes back, innermost first
+        keep = sorted({*keep, max(set(range(nd)) - set(keep))})
+    letters = [axes[d] for d in keep]
+    if len(keep) == 3 and letters[0] not in "ZYX":  # one plain stack, as _squeeze_dims says
+        letters[0] = "Z"
+    if len(keep) == 3 and set(letters[1:]) <= set("YX" + _GENERIC):
+        letters[1:] = ["Y", "X"]
+    unknown = [f"{axes[d]}({shape[d]})" for d, a in zip(keep, letters, strict=True)
+               if a not in "TCZYX"]
+    if any(a in _GENERIC for a in letters):
+        raise ImageIOError(
+            f"cannot read {where}: a {nd}-D image of shape {shape} whose file does not say "
+            "which axes are time, channel or z (a plain TIFF or an unnamed Zarr array); save "
+            "it as OME-TIFF, an ImageJ hyperstack or OME-Zarr, or give the Zarr array "
+            "dimension_names")
+    if unknown:
+        raise ImageIOError(
+            f"cannot read {where}: axes {axes} of shape {shape} hold {', '.join(unknown)} that "
+            "is not a time, channel or z/y/x axis; rln_fast reads t, c, z, y and x (save the "
+            "file with that axis as channels, time points or its own files)")
+    try:
+        from rln_fast.stack import check_axes
+
+        low = check_axes("".join(letters), len(keep))
+    except ValueError as e:
+        raise ImageIOError(f"cannot read {where}: axes {axes} of shape {shape}: {e}") from None
+    zyx = tuple(keep[low.index(a)] for a in "zyx")
+    tc = {a: keep[low.index(a)] for a in "tc" if a in low}
+    return (zyx[0], zyx[1], zyx[2]), tc, low
+
+
+def _index(keep: Sequence[int], ndim: int, box: tuple[slice, slice, slice],
+           fixed: dict[int, int] | None = None) -> tuple:
     full: list[Any] = [0] * ndim
+    for d, i in (fixed or {}).items():
+        full[d] = int(i)
     for d, s in zip(keep, box, strict=True):
         full[d] = s
     return tuple(full)
@@ -465,17 +515,22 @@ class _ContiguousReader:
 
     def __getitem__(self, key: tuple) -> np.ndarray:
         boxes = [k for k in key if isinstance(k, slice)]
-        dims = [n for k, n in zip(key, self.shape, strict=True) if isinstance(k, slice)]
-        (z0, z1, _), (y0, y1, _), (x0, x1, _) = (b.indices(n) for b, n in zip(boxes, dims,
-                                                                              strict=True))
-        ny, nx = dims[1], dims[2]
+        dims = [d for d, k in enumerate(key) if isinstance(k, slice)]
+        if dims[1:] != [len(key) - 2, len(key) - 1]:
+            raise ImageIOError(f"cannot read {self.path}: y and x are not the last axes")
+        (z0, z1, _), (y0, y1, _), (x0, x1, _) = (b.indices(self.shape[d])
+                                                 for b, d in zip(boxes, dims, strict=True))
+        nx = self.shape[-1]
+        strides = np.cumprod((1, *self.shape[:0:-1]))[::-1]  # elements per step of each axis
+        base = sum(int(k) * int(st) for k, st in zip(key, strides, strict=True)
+                   if not isinstance(k, slice))
         size = self.dtype.itemsize
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
         out = np.empty((max(z1 - z0, 0), max(y1 - y0, 0), max(x1 - x0, 0)), self.dtype)
         rows = max(y1 - y0, 0)
         for i, z in enumerate(range(z0, z1)):
-            start = self.offset + ((z * ny + y0) * nx) * size
+            start = self.offset + (base + z * int(strides[dims[0]]) + y0 * nx) * size
             want = rows * nx * size
             buf = os.pread(self._fd, want, start)
             if len(buf) != want:
@@ -494,7 +549,7 @@ def _truncated(path: Path, what: str) -> ImageIOError:
                         "(an interrupted copy or save?): copy or save it again")
 
 
-def _open_tiff(path: Path) -> dict:
+def _open_tiff(path: Path, stack: bool = False) -> dict:
     import logging
 
     import tifffile
@@ -504,12 +559,12 @@ def _open_tiff(path: Path) -> dict:
     level = log.level
     log.setLevel(logging.CRITICAL)
     try:
-        return _open_tiff_quietly(path, tifffile)
+        return _open_tiff_quietly(path, tifffile, stack)
     finally:
         log.setLevel(level)
 
 
-def _open_tiff_quietly(path: Path, tifffile: Any) -> dict:
+def _open_tiff_quietly(path: Path, tifffile: Any, stack: bool) -> dict:
     try:
         tif = tifffile.TiffFile(path)
     except (tifffile.TiffFileError, ValueError, EOFError, struct.error) as e:
@@ -552,7 +607,12 @@ def _open_tiff_quietly(path: Path, tifffile: Any) -> dict:
             fmt, voxel = "tiff", None
             tail = "YXS" if series.axes.endswith("S") and len(shape) >= 3 else "YX"
             axes = "?" * (len(shape) - len(tail)) + tail
-        keep = _squeeze_dims(shape, axes, path)
+        if stack:
+            keep, tc, kept_axes = _stack_dims(shape, axes, path)
+        else:
+            keep, tc, kept_axes = _squeeze_dims(shape, axes, path), {}, "zyx"
+        meta = {"ome": tif.ome_metadata if tif.is_ome else None,
+                "imagej": dict(tif.imagej_metadata or {}) if tif.is_imagej else None}
         if series.dataoffset is not None:  # contiguous, uncompressed: read boxes directly
             dtype = np.dtype(series.dtype).newbyteorder(tif.byteorder)
             data = _ContiguousReader(path, int(series.dataoffset), shape, dtype)
@@ -570,7 +630,7 @@ def _open_tiff_quietly(path: Path, tifffile: Any) -> dict:
     return {"data": data, "keep": keep, "ndim": len(shape), "format": fmt,
             "shape": tuple(shape[d] for d in keep),
             "dtype": np.dtype(series.dtype).newbyteorder("="), "voxel_size": voxel,
-            "closers": closers}
+            "closers": closers, "tc": tc, "axes": kept_axes, "full_shape": shape, "meta": meta}
 
 
 # ------------------------------------------------------------------------------- Zarr reading
@@ -609,7 +669,7 @@ def _import_zarr(path: Path, why: str) -> Any:
     return zarr
 
 
-def _open_zarr(path: Path) -> dict:
+def _open_zarr(path: Path, stack: bool = False) -> dict:
     zarr = _import_zarr(path, "to read Zarr")
 
     try:
@@ -625,6 +685,7 @@ def _open_zarr(path: Path) -> dict:
                         for a in names) if names and len(names) == node.ndim else "?" * node.ndim)
         factors: list[float | None] = [None] * node.ndim
         scale = [1.0] * node.ndim
+        attrs, ms = {}, {}
     else:
         attrs = dict(node.attrs)
         if "ome" in attrs:
@@ -655,23 +716,31 @@ def _open_zarr(path: Path) -> dict:
         scale = [a * b for a, b in zip(_ngff_scale(ds.get("coordinateTransformations"),
                                                    arr.ndim), outer, strict=True)]
     shape = tuple(int(n) for n in arr.shape)
-    keep = _squeeze_dims(shape, axes, path)
+    if stack:
+        keep, tc, kept_axes = _stack_dims(shape, axes, path)
+    else:
+        keep, tc, kept_axes = _squeeze_dims(shape, axes, path), {}, "zyx"
     if all(factors[d] is not None for d in keep):
         voxel = tuple(scale[d] * factors[d] for d in keep)  # type: ignore[operator,assignment]
+    meta = {"attrs": attrs, "multiscale": ms, "scale": scale,
+            "units": [a.get("unit") if isinstance(a, dict) else None
+                      for a in (ms.get("axes", []) if len(ms.get("axes", [])) == len(shape)
+                                else [None] * len(shape))]}
     return {"data": arr, "keep": keep, "ndim": len(shape), "format": fmt,
             "shape": tuple(shape[d] for d in keep),
-            "dtype": np.dtype(arr.dtype).newbyteorder("="), "voxel_size": voxel, "closers": []}
+            "dtype": np.dtype(arr.dtype).newbyteorder("="), "voxel_size": voxel, "closers": [],
+            "tc": tc, "axes": kept_axes, "full_shape": shape, "meta": meta}
 
 
-def _open_source(path: Path) -> dict:
+def _open_source(path: Path, stack: bool = False) -> dict:
     if _is_zarr(path):
         if not path.exists():
             raise ImageIOError(f"cannot read {path}: no such file or folder; check the path")
-        return _open_zarr(path)
+        return _open_zarr(path, stack)
     if path.name.lower().endswith((".tif", ".tiff")):
         if not path.is_file():
             raise ImageIOError(f"cannot read {path}: no such file; check the path")
-        return _open_tiff(path)
+        return _open_tiff(path, stack)
     raise ImageIOError(f"cannot read {path}: unknown file type; rln_fast reads .tif, .tiff, "
                        ".ome.tif, .zarr and .ome.zarr")
 
@@ -687,11 +756,15 @@ class Volume:
     Pickling keeps the path and metadata; the file is reopened on the first read.
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, *, _where: tuple[int, int] | None = None,
+                 _src: dict | None = None) -> None:
         self.path = Path(path)
-        src = _open_source(self.path)
+        # _where: (t, c) of one volume of a stack (see open_stack); None: a single volume.
+        self._where = _where
+        src = _src if _src is not None else _open_source(self.path, _where is not None)
         self._src: dict | None = src
-        self.shape: tuple[int, int, int] = src["shape"]
+        self.shape: tuple[int, int, int] = src["shape"] if _where is None else tuple(
+            src["full_shape"][d] for d in src["keep"])
         self.dtype: np.dtype = src["dtype"]
         self.voxel_size: tuple[float, float, float] | None = src["voxel_size"]
         self.format: str = src["format"]
@@ -699,9 +772,16 @@ class Volume:
     def __getitem__(self, key: tuple[slice, slice, slice]) -> np.ndarray:
         box = _normalise_box(key, self.shape)
         if self._src is None:
-            self._src = _open_source(self.path)
+            self._src = _open_source(self.path, self._where is not None)
         src = self._src
-        part = src["data"][_index(src["keep"], src["ndim"], box)]
+        fixed = {}
+        if self._where is not None:
+            fixed = {src["tc"][a]: i for a, i in zip("tc", self._where, strict=True)
+                     if a in src["tc"]}
+        part = src["data"][_index(src["keep"], src["ndim"], box, fixed)]
+        keep = list(src["keep"])
+        if keep != sorted(keep):  # z, y, x stored in another order (a plain Zarr array)
+            part = np.transpose(part, [sorted(keep).index(d) for d in keep])
         return np.array(part, dtype=self.dtype, copy=True)
 
     def close(self) -> None:
@@ -717,16 +797,18 @@ class Volume:
 
     def __getstate__(self) -> dict:
         return {"path": str(self.path), "shape": self.shape, "dtype": self.dtype.str,
-                "voxel_size": self.voxel_size, "format": self.format}
+                "voxel_size": self.voxel_size, "format": self.format, "where": self._where}
 
     def __setstate__(self, state: dict) -> None:
         self.path = Path(state["path"])
         self.shape, self.dtype = tuple(state["shape"]), np.dtype(state["dtype"])
         self.voxel_size, self.format = state["voxel_size"], state["format"]
+        self._where = state.get("where")
         self._src = None
 
     def __repr__(self) -> str:
-        return (f"Volume({str(self.path)!r}, shape={self.shape}, dtype={self.dtype}, "
+        where = "" if self._where is None else f", t={self._where[0]}, c={self._where[1]}"
+        return (f"Volume({str(self.path)!r}{where}, shape={self.shape}, dtype={self.dtype}, "
                 f"voxel_size={self.voxel_size}, format={self.format!r})")
 
 
@@ -737,6 +819,177 @@ def open_volume(path: str | os.PathLike) -> Volume:
     or time points, missing files and non-images raise :class:`ImageIOError`.
     """
     return Volume(path)
+
+
+# Time units: the NGFF (UDUNITS-2) name each spelling stands for, and how OME and ImageJ write it.
+_TIME_UNITS = {
+    "s": "second", "sec": "second", "second": "second", "seconds": "second",
+    "ms": "millisecond", "msec": "millisecond", "millisecond": "millisecond",
+    "µs": "microsecond", "us": "microsecond", "microsecond": "microsecond",
+    "ns": "nanosecond", "nanosecond": "nanosecond",
+    "min": "minute", "minute": "minute", "minutes": "minute",
+    "h": "hour", "hr": "hour", "hour": "hour", "hours": "hour", "d": "day", "day": "day",
+}
+_OME_TIME = {"second": "s", "millisecond": "ms", "microsecond": "µs", "nanosecond": "ns",
+             "minute": "min", "hour": "h", "day": "d"}
+_IMAGEJ_TIME = {"second": "sec", "millisecond": "ms", "microsecond": "us", "nanosecond": "ns",
+                "minute": "min", "hour": "hour", "day": "day"}
+
+
+def _time_unit(unit: Any, default: str | None = "second") -> str | None:
+    if not isinstance(unit, str) or not unit.strip():
+        return default
+    u = unit.strip().replace("\\u00B5", "µ").replace("\\u00b5", "µ")
+    return _TIME_UNITS.get(u, _TIME_UNITS.get(u.lower(), u))
+
+
+def _positive(value: Any) -> float | None:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) and v > 0 else None
+
+
+def _stack_metadata(src: dict) -> dict:
+    """Channel names, time increment and unit, and the processing record, from the format's
+    own metadata (OME-XML, ImageJ description, NGFF attributes)."""
+    meta, n_c = src["meta"], src["full_shape"][src["tc"]["c"]] if "c" in src["tc"] else 1
+    names: list[str] | None = None
+    dt, unit, record, channels = None, None, None, None
+    if meta.get("ome"):
+        try:
+            root = ET.fromstring(meta["ome"])
+        except ET.ParseError:
+            root = None
+        image = next((el for el in (root.iter() if root is not None else ())
+                      if el.tag.rsplit("}", 1)[-1] == "Image"), None)
+        pixels = next((el for el in (image.iter() if image is not None else ())
+                       if el.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+        if pixels is not None:
+            dt = _positive(pixels.get("TimeIncrement"))
+            unit = _time_unit(pixels.get("TimeIncrementUnit")) if dt else None
+            found = [el.get("Name") for el in pixels if el.tag.rsplit("}", 1)[-1] == "Channel"]
+            if len(found) == n_c and all(found):
+                names = [str(n) for n in found]
+        desc = next((el.text for el in (image.iter() if image is not None else ())
+                     if el.tag.rsplit("}", 1)[-1] == "Description"), None)
+        record = _parse_record(desc)
+    elif meta.get("imagej") is not None:
+        ij = meta["imagej"]
+        dt = _positive(ij.get("finterval"))
+        unit = _time_unit(ij.get("tunit")) if dt else None
+        labels = ij.get("Labels")
+        if isinstance(labels, (list, tuple)) and len(labels) >= n_c and all(labels[:n_c]):
+            names = [str(n) for n in labels[:n_c]]  # planes run c fastest in ImageJ's TZCYX
+        record = _parse_record(ij.get("Info"))
+    elif meta.get("multiscale") is not None or meta.get("attrs") is not None:
+        attrs = meta.get("attrs") or {}
+        if "t" in src["tc"]:
+            d = src["tc"]["t"]
+            dt = _positive(meta["scale"][d]) if meta.get("scale") else None
+            unit = _time_unit(meta["units"][d], None) if dt and meta.get("units") else None
+            if dt and unit is None and meta["units"][d] is None:
+                dt = None  # a scale without a unit says nothing about time
+        omero = (attrs.get("ome", attrs) or {}).get("omero") or {}
+        found = omero.get("channels") if isinstance(omero, dict) else None
+        if isinstance(found, list) and len(found) == n_c:
+            channels = found
+            labels = [c.get("label") if isinstance(c, dict) else None for c in found]
+            if all(labels):
+                names = [str(n) for n in labels]
+        record = attrs.get("rln_fast") if isinstance(attrs.get("rln_fast"), dict) else None
+    if "t" not in src["tc"]:  # a time step without time points means nothing here
+        dt, unit = None, None
+    return {"channel_names": names, "time_increment": dt, "time_unit": unit,
+            "processing": record, "omero_channels": channels}
+
+
+def _parse_record(text: Any) -> dict | None:
+    """The processing record rln_fast writes as JSON into a description, or None."""
+    if not isinstance(text, str) or "rln_fast" not in text:
+        return None
+    try:
+        found = json.loads(text)
+    except ValueError:
+        return None
+    return found.get("rln_fast") if isinstance(found, dict) else None
+
+
+class Stack:
+    """A multi-channel and/or time-lapse file read volume by volume; never loads the whole file.
+
+    ``axes``: the file's axes in its own order, lower case, some of t, c and always z, y, x
+    (singletons of other axes dropped; a file without a t or c axis has none). ``shape``:
+    the sizes of those axes. ``n_time``, ``n_channels`` (1 when the axis is absent),
+    ``volume_shape`` (z, y, x), ``dtype``, ``voxel_size`` (dz, dy, dx) µm or None,
+    ``channel_names`` (list or None), ``time_increment`` with ``time_unit`` (an NGFF name
+    such as "second"; both None when the file does not say), ``processing`` (the record of
+    an rln_fast output, else None), ``format``, ``path``. ``volume(t, c)`` is one (z, y, x)
+    :class:`Volume` (box reads, picklable, opened on its first read).
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        src = _open_source(self.path, stack=True)
+        try:
+            self.format: str = src["format"]
+            self.axes: str = src["axes"]
+            full = src["full_shape"]
+            self._tc = dict(src["tc"])
+            self.shape = tuple(full[d] for d in sorted([*src["keep"], *self._tc.values()]))
+            self.volume_shape: tuple[int, int, int] = tuple(full[d] for d in src["keep"])
+            self.n_time = full[self._tc["t"]] if "t" in self._tc else 1
+            self.n_channels = full[self._tc["c"]] if "c" in self._tc else 1
+            self.dtype: np.dtype = src["dtype"]
+            self.voxel_size: tuple[float, float, float] | None = src["voxel_size"]
+            extra = _stack_metadata(src)
+            self.channel_names: list[str] | None = extra["channel_names"]
+            self.time_increment: float | None = extra["time_increment"]
+            self.time_unit: str | None = extra["time_unit"]
+            self.processing: dict | None = extra["processing"]
+            self._omero_channels = extra["omero_channels"]
+            self._state = {k: src[k] for k in ("format", "dtype", "voxel_size")}
+        finally:
+            for c in src.get("closers", []):
+                c.close()
+
+    def volume(self, t: int = 0, c: int = 0) -> Volume:
+        """Time point ``t``, channel ``c`` as a lazy (z, y, x) :class:`Volume`."""
+        for what, i, n in (("time point", t, self.n_time), ("channel", c, self.n_channels)):
+            if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < n:
+                raise IndexError(f"{self.path}: {what} {i!r} is out of range (0..{n - 1})")
+        vol = Volume.__new__(Volume)
+        vol.__setstate__({"path": str(self.path), "shape": self.volume_shape,
+                          "dtype": self.dtype.str, "voxel_size": self.voxel_size,
+                          "format": self.format, "where": (int(t), int(c))})
+        return vol
+
+    def volumes(self) -> list[tuple[int, int]]:
+        """Every (t, c) pair, t outer."""
+        return [(t, c) for t in range(self.n_time) for c in range(self.n_channels)]
+
+    def close(self) -> None:
+        """Nothing stays open between reads of a Stack; each Volume closes its own file."""
+
+    def __enter__(self) -> Stack:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"Stack({str(self.path)!r}, axes={self.axes!r}, shape={self.shape}, "
+                f"dtype={self.dtype}, voxel_size={self.voxel_size}, format={self.format!r})")
+
+
+def open_stack(path: str | os.PathLike) -> Stack:
+    """Open a multi-channel / time-lapse TIFF (OME-TIFF in any DimensionOrder, ImageJ
+    hyperstack TZCYX) or Zarr (OME-Zarr 0.4/0.5: t, c before z, y, x; a plain Zarr array with
+    ``dimension_names``) lazily; see :class:`Stack`. A single volume opens too (one t, one c).
+    Axes other than t, c, z, y, x (unless singleton), or a plain TIFF with more than three
+    dimensions (its axes are not written down), raise :class:`ImageIOError`."""
+    return Stack(path)
 
 
 def read(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
@@ -755,34 +1008,89 @@ def read(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
 # ------------------------------------------------------------------------------- writing
 
 
-def _tiff_kwargs(fmt: str, voxel: tuple[float, float, float] | None) -> dict:
+def _tiff_kwargs(fmt: str, voxel: tuple[float, float, float] | None, axes: str = "zyx",
+                 meta: dict | None = None, shape: Sequence[int] | None = None) -> dict:
+    """tifffile keywords for a volume, or (with ``axes``, ``meta`` and ``shape``) a stack:
+    channel names, time increment and the processing record (JSON) as the format keeps them."""
+    meta = meta or {}
+    dt, unit = meta.get("time_increment"), meta.get("time_unit") or "second"
+    names, record = meta.get("channel_names"), meta.get("processing")
     if fmt == "imagej-tiff":
-        kw: dict[str, Any] = {"imagej": True, "metadata": {"axes": "ZYX"}}
+        kw: dict[str, Any] = {"imagej": True, "metadata": {"axes": axes.upper()}}
         if voxel is not None:
             kw["metadata"].update(spacing=voxel[0], unit="um")
             kw["resolution"] = (1.0 / voxel[2], 1.0 / voxel[1])
+        if dt and "t" in axes:
+            kw["metadata"]["finterval"] = float(dt)
+            if unit != "second":
+                kw["metadata"]["tunit"] = _IMAGEJ_TIME.get(unit, unit)
+        if names and "c" in axes and shape is not None:
+            # One label per plane; ImageJ's planes run c fastest (TZCYX).
+            planes = math.prod(shape[:-2])
+            kw["metadata"]["Labels"] = [str(names[i % len(names)]) for i in range(planes)]
+        if record is not None:
+            kw["metadata"]["Info"] = json.dumps({"rln_fast": record})
     else:
-        kw = {"ome": True, "metadata": {"axes": "ZYX"}}
+        kw = {"ome": True, "metadata": {"axes": axes.upper()}}
         if voxel is not None:
             for ax, size in zip("ZYX", voxel, strict=True):
                 kw["metadata"][f"PhysicalSize{ax}"] = size
                 kw["metadata"][f"PhysicalSize{ax}Unit"] = "µm"
+        if dt and "t" in axes:
+            kw["metadata"]["TimeIncrement"] = float(dt)
+            kw["metadata"]["TimeIncrementUnit"] = _OME_TIME.get(unit, unit)
+        if names and "c" in axes:
+            kw["metadata"]["Channel"] = {"Name": [str(n) for n in names]}
+        if record is not None:
+            kw["metadata"]["Description"] = json.dumps({"rln_fast": record})
     kw["photometric"] = "minisblack"
     return kw
 
 
-def _ngff_attributes(voxel: tuple[float, float, float] | None, ngff: str, name: str) -> dict:
+# Default omero channel colours (hex RGB) when the input has none: blue, green, red, ...
+_COLOURS = ("0000FF", "00FF00", "FF0000", "FF00FF", "00FFFF", "FFFF00", "FFFFFF")
+
+
+def _ngff_attributes(voxel: tuple[float, float, float] | None, ngff: str, name: str,
+                     axes: str = "zyx", meta: dict | None = None) -> dict:
     # Without a voxel size the scale is 1 and the axes carry no unit: readers then know the
     # size is unknown instead of taking 1 µm for a measurement.
-    axes = [{"name": a, "type": "space", **({"unit": "micrometer"} if voxel else {})}
-            for a in "zyx"]
-    scale = [float(s) for s in voxel] if voxel else [1.0, 1.0, 1.0]
-    multiscale = {"name": name, "axes": axes,
+    meta = meta or {}
+    dt, unit = meta.get("time_increment"), meta.get("time_unit") or "second"
+    spatial = iter([float(v) for v in voxel] if voxel else [1.0, 1.0, 1.0])
+    ngff_axes, scale = [], []
+    for a in axes:
+        if a == "t":
+            ngff_axes.append({"name": "t", "type": "time", **({"unit": unit} if dt else {})})
+            scale.append(float(dt) if dt else 1.0)
+        elif a == "c":
+            ngff_axes.append({"name": "c", "type": "channel"})
+            scale.append(1.0)
+        else:
+            ngff_axes.append({"name": a, "type": "space",
+                              **({"unit": "micrometer"} if voxel else {})})
+            scale.append(next(spatial))
+    multiscale = {"name": name, "axes": ngff_axes,
                   "datasets": [{"path": "0", "coordinateTransformations":
                                 [{"type": "scale", "scale": scale}]}]}
+    extra: dict[str, Any] = {}
+    if "c" in axes and meta.get("n_channels"):
+        given = meta.get("omero_channels") or []
+        names = meta.get("channel_names") or []
+        channels = []
+        for i in range(int(meta["n_channels"])):
+            ch = dict(given[i]) if i < len(given) and isinstance(given[i], dict) else {}
+            ch.setdefault("color", _COLOURS[i % len(_COLOURS)])
+            ch.setdefault("window", {"min": 0.0, "max": 65535.0, "start": 0.0, "end": 65535.0})
+            ch.setdefault("active", True)
+            if i < len(names):
+                ch["label"] = str(names[i])
+            channels.append(ch)
+        extra["omero"] = {"channels": channels}
+    record = {"rln_fast": meta["processing"]} if meta.get("processing") is not None else {}
     if ngff == "0.4":
-        return {"multiscales": [{"version": "0.4", **multiscale}]}
-    return {"ome": {"version": "0.5", "multiscales": [multiscale]}}
+        return {"multiscales": [{"version": "0.4", **multiscale}], **extra, **record}
+    return {"ome": {"version": "0.5", "multiscales": [multiscale], **extra}, **record}
 
 
 def _inner_chunk(n: int) -> int:
@@ -792,7 +1100,7 @@ def _inner_chunk(n: int) -> int:
 
 def _create_zarr(tmp: Path, name: str, shape: tuple[int, ...], dtype: np.dtype,
                  block: tuple[int, ...], voxel: tuple[float, float, float] | None,
-                 ngff: str) -> Any:
+                 ngff: str, axes: str = "zyx", meta: dict | None = None) -> Any:
     """An empty OME-Zarr image at ``tmp`` with array "0"; each ``block`` is one shard (0.5) or
     one chunk (0.4), so writers of distinct blocks never share a file."""
     zarr = _import_zarr(tmp, "to write OME-Zarr")
@@ -812,8 +1120,8 @@ def _create_zarr(tmp: Path, name: str, shape: tuple[int, ...], dtype: np.dtype,
         arr = group.create_array(
             "0", shape=shape, dtype=dtype, shards=block,
             chunks=tuple(_inner_chunk(b) for b in block), fill_value=0,
-            dimension_names=["z", "y", "x"])
-    group.attrs.update(_ngff_attributes(voxel, ngff, stem))
+            dimension_names=list(axes))
+    group.attrs.update(_ngff_attributes(voxel, ngff, stem, axes, meta))
     (tmp / _MARKER).write_text("written by rln_fast; it replaces this folder only while this "
                                "file is here and nothing but its image is\n")
     return arr
@@ -1065,8 +1373,9 @@ class OutputVolume:
 
     def finalize(self) -> None:
         """Check every block is done, move the partial onto ``path``, drop the record."""
-        total = math.prod(self.n_blocks)
-        missing = total - len(self.done_blocks() & set(self.block_indices()))
+        every = set(self.block_indices())
+        total = len(every)
+        missing = total - len(self.done_blocks() & every)
         if missing:
             raise ImageIOError(f"cannot finish {self.path}: {missing} of {total} blocks are not "
                                "written; write them (or rerun to resume) before finalize")
@@ -1170,6 +1479,264 @@ def create_output(path: str | os.PathLike, shape: Sequence[int], dtype: Any,
     shp = _check_block(shape, path, "shape")
     out = OutputVolume(path, shp, dt, _check_block(block, path), fmt,
                        _check_voxel_size(voxel_size, path))
+    out.overwrite = bool(overwrite)
+    expected = out._fingerprint(fingerprint)
+    _check_tiff_size(fmt, shp, dt, path)
+    out._lock = claim_output(path, ngff=ngff, overwrite=overwrite, inputs=inputs)
+    try:
+        if not (resume and out._record_matches(expected)):
+            out._start_over(expected)
+    except OSError as e:
+        out.abort(keep_record=False)
+        raise _write_error(e, path) from e
+    except BaseException:
+        out._release()
+        raise
+    return out
+
+
+# ------------------------------------------------------------------------ block-wise stacks
+
+_STACK_BLOCK_NAME = re.compile(r"^(\d+)_(\d+)_(\d+)_(\d+)_(\d+)$")
+
+
+def stack_output_axes(path: str | os.PathLike, axes: str, ngff: str = "0.5") -> str:
+    """The axis order an output at ``path`` gets for an input with ``axes`` (some of t, c and
+    z, y, x): the input's own when the format holds it (OME-TIFF: any order of t, c, z before
+    y, x), else the format's: ImageJ hyperstacks are TZCYX, OME-Zarr puts t, c before z, y, x."""
+    fmt = _output_format(Path(path), _check_ngff(ngff, Path(path)))
+    low = axes.lower()
+    if fmt == "ome-tiff" and low.endswith("yx"):
+        return low
+    order = "tzcyx" if fmt == "imagej-tiff" else "tczyx"
+    return "".join(a for a in order if a in low)
+
+
+class OutputStack(OutputVolume):
+    """A multi-volume output (axes of t, c, z, y, x) written volume by volume, block by block,
+    by one or many processes, resumably: :class:`OutputVolume` with one more level.
+
+    Block ``(t, c, i, j, k)`` is block (i, j, k) of the (z, y, x) volume at time point ``t``,
+    channel ``c`` of the output; each is recorded in ``<path>.blocks/`` when written.
+    ``volume(t, c)`` is that volume as an OutputVolume-like writer (what BlockJob.run takes).
+    The metadata (channel names, time increment, processing record) is in the partial from
+    the start, so ``finalize`` only checks and renames. Made by :func:`create_stack_output`.
+    """
+
+    def __init__(self, path: Path, axes: str, n_time: int, n_channels: int,
+                 shape: tuple[int, int, int], dtype: np.dtype, block: tuple[int, int, int],
+                 fmt: str, voxel_size: tuple[float, float, float] | None,
+                 meta: dict | None = None) -> None:
+        super().__init__(path, shape, dtype, block, fmt, voxel_size)
+        self.axes, self.n_time, self.n_channels = axes, int(n_time), int(n_channels)
+        sizes = {"t": self.n_time, "c": self.n_channels, "z": shape[0], "y": shape[1],
+                 "x": shape[2]}
+        self.full_shape = tuple(sizes[a] for a in axes)
+        self.meta = dict(meta or {})
+        self.meta["n_channels"] = self.n_channels
+
+    # -- layout
+    def block_indices(self) -> list[tuple[int, ...]]:  # type: ignore[override]
+        inner = super().block_indices()
+        return [(t, c, *b) for t in range(self.n_time) for c in range(self.n_channels)
+                for b in inner]
+
+    def volume(self, t: int, c: int) -> _StackVolumeOutput:
+        if not (0 <= t < self.n_time and 0 <= c < self.n_channels):
+            raise IndexError(f"{self.path}: no volume t={t}, c={c} (the output has "
+                             f"{self.n_time} time points, {self.n_channels} channels)")
+        return _StackVolumeOutput(self, int(t), int(c))
+
+    def _key(self, index: Sequence[int]) -> tuple:
+        t, c, *ijk = (int(i) for i in index)
+        if not (0 <= t < self.n_time and 0 <= c < self.n_channels):
+            raise IndexError(f"block index {tuple(index)} outside the output's t, c")
+        box = dict(zip("zyx", self.block_slices(ijk), strict=True))
+        return tuple(t if a == "t" else c if a == "c" else box[a] for a in self.axes)
+
+    # -- record
+    def done_blocks(self) -> set[tuple[int, ...]]:  # type: ignore[override]
+        if not self._record.is_dir():
+            return set()
+        found = (_STACK_BLOCK_NAME.match(p.name) for p in self._record.iterdir())
+        return {tuple(int(m[i]) for i in range(1, 6)) for m in found if m}
+
+    def _fingerprint(self, user: Any) -> dict:
+        full = super()._fingerprint(user)
+        full.update(axes=self.axes, full_shape=list(self.full_shape),
+                    meta=json.loads(json.dumps(self.meta, default=str)))
+        return full
+
+    def _start_over(self, expected: dict) -> None:
+        _remove(self._partial)
+        _remove(self._record)
+        self._record.mkdir()
+        if self.format.startswith("ome-zarr"):
+            ngff = self.format.rsplit("-", 1)[1]
+            block = tuple({"t": 1, "c": 1, "z": self.block[0], "y": self.block[1],
+                           "x": self.block[2]}[a] for a in self.axes)
+            self._zarr = _create_zarr(self._partial, self.path.name, self.full_shape,
+                                      self.dtype, block, self.voxel_size, ngff, self.axes,
+                                      self.meta)
+        else:
+            self._create_tiff()
+        tmp = self._record / "fingerprint.json.tmp"
+        tmp.write_text(json.dumps(expected))
+        os.replace(tmp, self._record / "fingerprint.json")
+
+    def _create_tiff(self) -> None:
+        import tifffile
+
+        mm = tifffile.memmap(self._partial, shape=self.full_shape, dtype=self.dtype,
+                             **_tiff_kwargs(self.format, self.voxel_size, self.axes, self.meta,
+                                            self.full_shape))
+        self._offset = int(mm.offset)
+        del mm
+        if hasattr(os, "posix_fallocate"):
+            with open(self._partial, "r+b") as f:
+                os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+
+    # -- writing
+    def write_block(self, index: Sequence[int], data: Any) -> None:
+        """Store ``data`` as block ``(t, c, i, j, k)`` (the block's (z, y, x) box shape), cast
+        to ``dtype``, then record the block as done."""
+        if len(index) != 5:
+            raise IndexError(f"a stack's block index is (t, c, i, j, k), got {tuple(index)}")
+        key = self._key(index)
+        box = self.block_slices(index[2:])
+        want = tuple(s.stop - s.start for s in box)
+        arr = _to_numpy(data)
+        if arr.shape != want:
+            raise ImageIOError(f"writing {self.path}: block {tuple(index)} must have shape "
+                               f"{want}, got {arr.shape}")
+        arr = arr.astype(self.dtype, copy=False)
+        try:
+            if self.format.startswith("ome-zarr"):
+                if self._zarr is None:
+                    zarr = _import_zarr(self.path, "to write OME-Zarr")
+
+                    self._zarr = zarr.open_array(str(self._partial / "0"), mode="r+")
+                self._zarr[key] = arr
+            else:
+                self._write_stack_planes(key, box, arr)
+            (self._record / _block_name(index)).touch()
+        except OSError as e:
+            raise _write_error(e, self._partial) from e
+
+    def _write_stack_planes(self, key: tuple, box: tuple[slice, slice, slice],
+                            arr: np.ndarray) -> None:
+        # The planes (y, x) of one volume are not adjacent in the file (other channels or
+        # time points lie between): map the span they cover, write each plane, flush.
+        lead = self.full_shape[:-2]
+        zdim = self.axes.index("z")
+        planes = []
+        for z in range(box[0].start, box[0].stop):
+            idx = [z if d == zdim else int(k) for d, k in enumerate(key[:-2])]
+            planes.append(int(np.ravel_multi_index(idx, lead)) if lead else 0)
+        ny, nx = self.full_shape[-2:]
+        plane = ny * nx * self.dtype.itemsize
+        p0, p1 = min(planes), max(planes)
+        mm = np.memmap(self._partial, dtype=self.dtype, mode="r+",
+                       offset=self._tiff_offset() + p0 * plane, shape=(p1 - p0 + 1, ny, nx))
+        try:
+            for k, p in enumerate(planes):
+                mm[p - p0, box[1], box[2]] = arr[k]
+            mm.flush()
+        finally:
+            del mm
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.update(axes=self.axes, n_time=self.n_time, n_channels=self.n_channels,
+                     meta=self.meta)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        OutputStack.__init__(self, Path(state["path"]), state["axes"], state["n_time"],
+                             state["n_channels"], tuple(state["shape"]),
+                             np.dtype(state["dtype"]), tuple(state["block"]), state["format"],
+                             state["voxel_size"], state["meta"])
+        self._offset = state["offset"]
+        self.overwrite = state.get("overwrite", False)
+
+    def __repr__(self) -> str:
+        return (f"OutputStack({str(self.path)!r}, axes={self.axes!r}, shape={self.full_shape}, "
+                f"dtype={self.dtype}, block={self.block}, format={self.format!r}, "
+                f"done={len(self.done_blocks())}/{len(self.block_indices())})")
+
+
+class _StackVolumeOutput:
+    """Volume (t, c) of an :class:`OutputStack`, written as an :class:`OutputVolume` is:
+    ``write_block((i, j, k), data)``, ``block_slices``, ``is_done``, ``done_blocks``.
+    Picklable (the stack reopens its storage in a worker)."""
+
+    def __init__(self, stack: OutputStack, t: int, c: int) -> None:
+        self.stack, self.t, self.c = stack, t, c
+        self.path, self.shape, self.block = stack.path, stack.shape, stack.block
+        self.dtype, self.n_blocks = stack.dtype, stack.n_blocks
+
+    def block_indices(self) -> list[tuple[int, int, int]]:
+        return OutputVolume.block_indices(self.stack)
+
+    def block_slices(self, index: Sequence[int]) -> tuple[slice, slice, slice]:
+        return self.stack.block_slices(index)
+
+    def is_done(self, index: Sequence[int]) -> bool:
+        return self.stack.is_done((self.t, self.c, *index))
+
+    def done_blocks(self) -> set[tuple[int, int, int]]:
+        return {b[2:] for b in self.stack.done_blocks() if b[:2] == (self.t, self.c)}
+
+    def write_block(self, index: Sequence[int], data: Any) -> None:
+        self.stack.write_block((self.t, self.c, *index), data)
+
+    def __repr__(self) -> str:
+        return f"<volume t={self.t}, c={self.c} of {self.stack!r}>"
+
+
+def create_stack_output(path: str | os.PathLike, axes: str, n_time: int, n_channels: int,
+                        shape: Sequence[int], dtype: Any, block: Sequence[int], *,
+                        voxel_size: Sequence[float] | None = None,
+                        channel_names: Sequence[str] | None = None,
+                        time_increment: float | None = None, time_unit: str | None = None,
+                        processing: Any = None, omero_channels: Any = None, ngff: str = "0.5",
+                        fingerprint: Any = None, resume: bool = True, overwrite: bool = False,
+                        inputs: Sequence[Any] = ()) -> OutputStack:
+    """Start (or resume) a multi-volume output; see :class:`OutputStack`.
+
+    ``axes``: the input's axes (some of t, c and z, y, x); the output keeps their order where
+    its format allows (:func:`stack_output_axes`; ``out.axes`` says). ``n_time`` x
+    ``n_channels`` volumes of ``shape`` (z, y, x), split into ``block``s as in
+    :func:`create_output`. Metadata, kept as each format keeps it: ``voxel_size`` (dz, dy, dx)
+    µm, ``channel_names``, ``time_increment`` in ``time_unit`` (NGFF names: "second",
+    "minute", ...), ``processing`` (a JSON-able record of what was done, in the OME
+    Description, the ImageJ Info property or the NGFF attribute "rln_fast"), and for
+    OME-Zarr the input's ``omero_channels`` (colours, windows). Resume, safety and the lock
+    as for :func:`create_output`.
+    """
+    path = Path(path)
+    ngff = _check_ngff(ngff, path)
+    fmt = _output_format(path, ngff)
+    dt = np.dtype(dtype)
+    if fmt == "imagej-tiff":
+        _check_imagej_dtype(dt, path)
+    from rln_fast.stack import check_axes
+
+    low = check_axes(axes, len(axes))
+    out_axes = stack_output_axes(path, low, ngff)
+    shp = _check_block(shape, path, "shape")
+    if channel_names is not None and len(channel_names) != n_channels:
+        raise ImageIOError(f"writing {path}: {len(channel_names)} channel names for "
+                           f"{n_channels} channels")
+    if ("t" not in low and n_time != 1) or ("c" not in low and n_channels != 1):
+        raise ImageIOError(f"writing {path}: axes {axes!r} have no t or c axis for "
+                           f"{n_time} time points, {n_channels} channels")
+    unit = _time_unit(time_unit) if time_increment else None
+    meta = {"channel_names": list(channel_names) if channel_names else None,
+            "time_increment": _positive(time_increment), "time_unit": unit,
+            "processing": processing, "omero_channels": omero_channels}
+    out = OutputStack(path, out_axes, n_time, n_channels, shp, dt, _check_block(block, path),
+                      fmt, _check_voxel_size(voxel_size, path), meta)
     out.overwrite = bool(overwrite)
     expected = out._fingerprint(fingerprint)
     _check_tiff_size(fmt, shp, dt, path)

@@ -122,15 +122,19 @@ def _is_one_value(value: Any) -> bool:
             or not isinstance(value, (Sequence, Mapping)))
 
 
-def per_channel(value: Any, n: int, name: str) -> list[Any]:
+def per_channel(value: Any, n: int, name: str, selected: Sequence[int] | None = None) -> list[Any]:
     """One value of the setting ``name`` per channel (a list of ``n``).
 
     ``value``: one value for every channel (a number, text, path, array, model or None); a
-    list or tuple of ``n`` values, one per channel of the input, in order; or a dict
+    list or tuple of ``n`` values, one per channel of the input, in order — or, when the run
+    deconvolves only the channels ``selected``, one per selected channel; or a dict
     ``{channel index: value}`` where channels left out get None (the setting's default).
     """
     if _is_one_value(value):
         return [value] * n
+    if (selected is not None and not isinstance(value, Mapping)
+            and len(value) == len(selected) != n):
+        value = dict(zip(selected, value, strict=True))
     if isinstance(value, Mapping):
         out: list[Any] = [None] * n
         for key, v in value.items():
@@ -399,7 +403,7 @@ def deconvolve_stack(
     try:
         chosen = parse_selection(channels, nc, "channel")
         times = parse_selection(time, nt, "time point")
-        settings = {name: per_channel(value, nc, name) for name, value in
+        settings = {name: per_channel(value, nc, name, chosen) for name, value in
                     (("psf", psf), ("model", model), ("num_iter", num_iter),
                      ("background", background), ("wavelength", wavelength))}
     except (TypeError, ValueError) as e:

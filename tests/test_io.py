@@ -767,3 +767,88 @@ def test_output_volume_pickles(tmp_path):
     b, meta = io.read(tmp_path / "o.tif")
     assert b[0].max() == 4 and b[2].min() == 5
     assert meta["voxel_size"] == pytest.approx(VOXEL)
+
+
+# ------------------------------------------------------------- multi-volume outputs (stacks)
+
+STACK_OUTPUTS = [("s.ome.tif", "0.5", o) for o in ("tczyx", "tzcyx", "ctzyx", "ztcyx", "zctyx",
+                                                   "cztyx")] + [
+    ("s.tif", "0.5", "tzcyx"), ("s.ome.zarr", "0.5", "tczyx"), ("s.zarr", "0.4", "tczyx")]
+
+
+def _fill(out: io.OutputStack, ref: np.ndarray) -> None:
+    for t, c, *ijk in out.block_indices():
+        view = pickle.loads(pickle.dumps(out.volume(t, c)))  # as a Dask worker gets it
+        view.write_block(ijk, ref[t, c][view.block_slices(ijk)])
+
+
+@pytest.mark.parametrize(("name", "ngff", "axes"), STACK_OUTPUTS)
+def test_stack_output_round_trip_and_metadata(tmp_path, name, ngff, axes):
+    ref = _volume("float32", (3, 2, 5, 9, 11)).reshape(3, 2, 5, 9, 11)
+    record = {"channels": [{"channel": 0, "method": "rl"}, {"channel": 1, "deconvolved": False}]}
+    # The input's order is asked for; formats that cannot hold it use their own.
+    out = io.create_stack_output(tmp_path / name, "ztcyx" if axes == "tczyx" and "ome.tif" not in
+                                 name else axes, 3, 2, (5, 9, 11), np.float32, (2, 4, 11),
+                                 voxel_size=VOXEL, channel_names=["a", "b"], time_increment=1.5,
+                                 time_unit="ms", processing=record, ngff=ngff)
+    assert out.axes == axes
+    _fill(out, ref)
+    out.finalize()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+    s = io.open_stack(tmp_path / name)
+    assert (s.axes, s.n_time, s.n_channels, s.volume_shape) == (axes, 3, 2, (5, 9, 11))
+    assert s.voxel_size == pytest.approx(VOXEL)
+    assert (s.channel_names, s.time_increment, s.time_unit) == (["a", "b"], 1.5, "millisecond")
+    assert s.processing == record
+    for t, c in s.volumes():
+        np.testing.assert_array_equal(s.volume(t, c)[:, :, :], ref[t, c])
+    if name.endswith("zarr"):
+        models = pytest.importorskip(f"ome_zarr_models.v0{ngff[-1]}")
+        assert models.Image.from_zarr(zarr.open_group(str(tmp_path / name), mode="r"))
+
+
+def test_stack_output_resumes_its_blocks_and_starts_over_on_other_settings(tmp_path):
+    ref = _volume("float32", (2, 2, 4, 8, 8)).reshape(2, 2, 4, 8, 8)
+    path = tmp_path / "s.ome.zarr"
+
+    def create(fp):
+        return io.create_stack_output(path, "tczyx", 2, 2, (4, 8, 8), np.float32, (2, 8, 8),
+                                      fingerprint=fp)
+
+    out = create({"run": 1})
+    out.volume(1, 0).write_block((1, 0, 0), ref[1, 0, 2:])
+    out.volume(0, 1).write_block((0, 0, 0), ref[0, 1, :2])
+    with pytest.raises(io.ImageIOError, match="6 of 8 blocks are not written"):
+        out.finalize()
+    out.abort(keep_record=True)
+    out = create({"run": 1})
+    assert out.done_blocks() == {(1, 0, 1, 0, 0), (0, 1, 0, 0, 0)}
+    assert out.volume(1, 0).done_blocks() == {(1, 0, 0)} and out.volume(1, 1).done_blocks() == set()
+    out.abort(keep_record=True)
+    out = create({"run": 2})
+    assert out.done_blocks() == set()
+    with pytest.raises(io.ImageIOError, match=r"block \(0, 1, 0, 0, 0\) must have shape"):
+        out.write_block((0, 1, 0, 0, 0), np.zeros((4, 8, 8)))
+    with pytest.raises(IndexError, match="no volume t=2"):
+        out.volume(2, 0)
+    _fill(out, ref)
+    out.finalize()
+    np.testing.assert_array_equal(io.open_stack(path).volume(1, 1)[:, :, :], ref[1, 1])
+
+
+def test_stack_output_keeps_the_safety_rules(tmp_path):
+    mine = tmp_path / "s.ome.zarr"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(io.ImageIOError, match="replaces only its own outputs"):
+        io.create_stack_output(mine, "czyx", 1, 2, (2, 4, 4), np.float32, (2, 4, 4))
+    assert (mine / "notes.txt").read_text() == "mine"
+    with pytest.raises(io.ImageIOError, match="ImageJ TIFF holds uint8"):
+        io.create_stack_output(tmp_path / "s.tif", "czyx", 1, 2, (2, 4, 4), np.float64, (2, 4, 4))
+    with pytest.raises(io.ImageIOError, match="no t or c axis for 2 time points"):
+        io.create_stack_output(tmp_path / "s.ome.tif", "czyx", 2, 2, (2, 4, 4), np.float32,
+                               (2, 4, 4))
+    with pytest.raises(io.ImageIOError, match="3 channel names for 2 channels"):
+        io.create_stack_output(tmp_path / "s.ome.tif", "czyx", 1, 2, (2, 4, 4), np.float32,
+                               (2, 4, 4), channel_names=["a", "b", "c"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.ome.zarr"]

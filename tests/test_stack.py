@@ -68,6 +68,9 @@ def test_per_channel_lists_and_dicts():
     assert per_channel((1.0, "auto", 3.0), 3, "background") == [1.0, "auto", 3.0]
     assert per_channel({1: "b.tif"}, 3, "psf") == [None, "b.tif", None]
     assert per_channel({-1: 7}, 2, "num_iter") == [None, 7]
+    # One per selected channel (the run deconvolves only those), or one per channel.
+    assert per_channel([10, 30], 3, "num_iter", [0, 2]) == [10, None, 30]
+    assert per_channel([1, 2, 3], 3, "num_iter", [0, 2]) == [1, 2, 3]
     with pytest.raises(ValueError, match="3 values given for 2 channels"):
         per_channel([1, 2, 3], 2, "num_iter")
     with pytest.raises(ValueError, match="channel 2 is out of range"):
