@@ -151,13 +151,9 @@ def _load_psf(psf: Any, image_voxel: Any) -> np.ndarray:
         raise ValueError("Richardson-Lucy needs a PSF: give psf= (a file or an array); "
                          "`rln-fast psf` makes one from the optics")
     if isinstance(psf, (str, os.PathLike)):
-        arr, meta = io.read(psf)
-        psf_voxel = meta.get("voxel_size")
-        if psf_voxel and image_voxel and not np.allclose(psf_voxel, image_voxel, rtol=1e-3):
-            from rln_fast import psf as psf_models
+        from rln_fast import psf as psf_models
 
-            arr = psf_models.prepare(arr, psf_voxel, image_voxel)
-        psf = arr
+        psf = psf_models.read(psf, image_voxel)
     k = np.asarray(psf, dtype=np.float32)
     if k.ndim != 3:
         raise ValueError(f"the PSF must be 3-D (z, y, x), got shape {k.shape}")
@@ -366,12 +362,6 @@ def deconvolve_file(
 
 # ------------------------------------------------------------------ stacks (t, c, z, y, x)
 
-_PSF_MODELS = ("born-wolf", "gibson-lanni")
-# The largest generated PSF by default (z, y, x): the volume's sides up to these, then cropped
-# to the PSF's support; generating a widefield PSF as large as a big volume costs more than
-# its far tails give.
-_MAX_PSF_SHAPE = (65, 129, 129)
-
 
 def _values(value: Any) -> list[Any]:
     """The single values in a per-channel setting (for the input-safety check)."""
@@ -391,26 +381,22 @@ def _rl_options_for(rl_options: dict | None, n: int, selected: list[int]) -> lis
 
 def _generate_psf(psf_model: str, shape: tuple[int, int, int], vox: Any, na: Any,
                   wavelength: Any, ni: float, psf_shape: Any) -> np.ndarray:
-    """A model PSF at the image's voxel size: ``psf_shape``, or the volume's (odd sides, at
-    most _MAX_PSF_SHAPE) cropped to the PSF's support."""
+    """A model PSF at the image's voxel size (``rln_fast.psf.for_image``)."""
     from rln_fast import psf as psf_models
 
     name = str(psf_model).lower().replace("_", "-")
-    if name not in _PSF_MODELS:
-        raise ValueError(f"psf_model must be one of {', '.join(_PSF_MODELS)}, got {psf_model!r}")
+    if name not in psf_models.MODELS:
+        raise ValueError(f"psf_model must be one of {', '.join(psf_models.MODELS)}, got "
+                         f"{psf_model!r}")
     if vox is None:
         raise ValueError("psf_model= generates the PSF at the image's voxel size, but the input "
                          "has none in its metadata; give voxel_size= (--voxel-size DZ DY DX)")
     if na is None or wavelength is None:
         raise ValueError(f"psf_model={name!r} needs na= and wavelength= (the emission "
                          "wavelength in µm, one per channel)")
-    fn = psf_models.born_wolf if name == "born-wolf" else psf_models.gibson_lanni
-    size = tuple(psf_shape) if psf_shape else tuple(
-        min(n - 1 + n % 2, cap) for n, cap in zip(shape, _MAX_PSF_SHAPE, strict=True))
-    k = fn(size, tuple(vox), na=float(na), wavelength=float(wavelength), ni=float(ni))
-    if not psf_shape:
-        k = psf_models.prepare(k, background=None, crop=True)
-    return np.asarray(k, np.float32)
+    return psf_models.for_image(shape, tuple(vox), na=float(na), wavelength=float(wavelength),
+                                ni=float(ni), model=psf_model,
+                                shape=tuple(psf_shape) if psf_shape else None)
 
 
 def _describe(value: Any, default: str) -> Any:

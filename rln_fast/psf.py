@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -11,7 +12,8 @@ import numpy as np
 from scipy import ndimage, signal, special
 from scipy.interpolate import CubicSpline
 
-__all__ = ["gaussian", "born_wolf", "gibson_lanni", "confocal", "prepare"]
+__all__ = ["gaussian", "born_wolf", "gibson_lanni", "confocal", "prepare", "for_image",
+           "generated_shape", "read", "MODELS"]
 
 # FWHM = 2·sqrt(2·ln 2)·σ for a Gaussian.
 _FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
@@ -795,3 +797,53 @@ def prepare(
             stacklevel=2,
         )
     return arr.astype(np.float32)
+
+
+# ------------------------------------------------------------------ PSFs for an image's run
+
+MODELS = ("born-wolf", "gibson-lanni")  # the widefield models a run can generate per channel
+# The largest PSF generated for an image by default (z, y, x): the image's sides up to these,
+# then cropped to the PSF's support; a widefield PSF as large as a big volume costs more than
+# its far tails give.
+_MAX_GENERATED = (65, 129, 129)
+
+
+def generated_shape(image_shape: Sequence[int]) -> tuple[int, int, int]:
+    """Grid of the PSF generated for an image when no size is given: the image's sides (odd;
+    an even side loses one voxel), at most 65 x 129 x 129. :func:`for_image` then crops it to
+    its support. A widefield PSF about as deep as the stack models the haze that every plane
+    receives from the others, which a shallower one leaves in the result."""
+    if len(image_shape) != 3:
+        raise ValueError(f"image_shape must be (z, y, x), got {tuple(image_shape)}")
+    return tuple(max(1, min(int(n) - 1 + int(n) % 2, cap))  # type: ignore[return-value]
+                 for n, cap in zip(image_shape, _MAX_GENERATED, strict=True))
+
+
+def for_image(image_shape: Sequence[int], voxel_size: Sequence[float], *, na: float,
+              wavelength: float, ni: float = 1.515, model: str = "born-wolf",
+              shape: Sequence[int] | None = None) -> np.ndarray:
+    """The widefield PSF (``model``: "born-wolf" or "gibson-lanni", the latter with its default
+    coverslip and sample parameters) that a run generates for an image of ``image_shape``
+    sampled at ``voxel_size`` (dz, dy, dx) µm: on the grid ``shape``, or on
+    :func:`generated_shape` cropped to its support. float32, sum 1."""
+    name = str(model).lower().replace("_", "-")
+    if name not in MODELS:
+        raise ValueError(f"the PSF model must be one of {', '.join(MODELS)}, got {model!r}")
+    fn = born_wolf if name == "born-wolf" else gibson_lanni
+    grid = generated_shape(image_shape) if shape is None else _check_shape(shape, "psf_shape")
+    k = fn(grid, tuple(voxel_size), na=na, wavelength=wavelength, ni=ni)
+    if shape is None:
+        k = prepare(k, background=None, crop=True)
+    return np.asarray(k, np.float32)
+
+
+def read(path: str | os.PathLike, voxel_size: Sequence[float] | None = None) -> np.ndarray:
+    """A PSF file (TIFF, Zarr) as a float32 array, resampled (:func:`prepare`) to
+    ``voxel_size`` (dz, dy, dx) µm when the file records a different voxel size of its own."""
+    from rln_fast import io
+
+    arr, meta = io.read(path)
+    own = meta.get("voxel_size")
+    if own and voxel_size and not np.allclose(own, voxel_size, rtol=1e-3):
+        arr = prepare(arr, own, voxel_size)
+    return np.asarray(arr, np.float32)

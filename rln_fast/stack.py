@@ -17,8 +17,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["AXES", "check_axes", "deconvolve_stack", "generated_psf_shape", "parse_selection",
-           "per_channel"]
+__all__ = ["AXES", "check_axes", "deconvolve_stack", "parse_selection", "per_channel"]
 
 AXES = "tczyx"  # the letters a stack's axes may use
 
@@ -156,25 +155,10 @@ def per_channel(value: Any, n: int, name: str, selected: Sequence[int] | None = 
 
 # ------------------------------------------------------------------------ deconvolve_stack
 
-_PSF_MAX_SIDE = 129  # generated PSFs: at most this many voxels a side
 _METHODS = ("rln", "rl")
 # Arguments of the single-volume APIs that deconvolve_stack sets itself.
 _OWN = {"rl": {"image", "psf", "num_iter", "background", "progress", "method"},
         "rln": {"volume", "model", "progress"}}
-
-
-def generated_psf_shape(image_shape: Sequence[int]) -> tuple[int, int, int]:
-    """Grid of a PSF generated for an image: about half the image, odd sides, <= 129 voxels.
-
-    Half the image holds the widefield PSF's out-of-focus cone over the depth that matters,
-    while the Bertero work volume (image + PSF - 1) stays <= 1.5x per axis; odd sides put the
-    peak on the centre voxel.
-    """
-    out = []
-    for n in image_shape:
-        side = min(int(n) // 2 + 1, _PSF_MAX_SIDE)
-        out.append(side if side % 2 else side - 1)
-    return tuple(out)  # type: ignore[return-value]
 
 
 def _with_message(e: Exception, message: str) -> Exception:
@@ -243,16 +227,10 @@ def _channel_psf(psf: Any, wavelength: Any, c: int, shape: tuple[int, ...],
         raise ValueError(f"deconvolve_stack: channel {c} has both a PSF and a wavelength; give "
                          "one (the wavelength generates a Born–Wolf PSF)")
     if isinstance(psf, (str, os.PathLike)):
-        from rln_fast import io
-
         if not os.path.isfile(psf) and not os.path.isdir(psf):
             raise FileNotFoundError(f"deconvolve_stack: channel {c}: PSF file {os.fspath(psf)!r} "
                                     "does not exist")
-        arr, meta = io.read(psf)
-        psf_voxel = meta.get("voxel_size")
-        if psf_voxel and voxel_size and not np.allclose(psf_voxel, voxel_size, rtol=1e-3):
-            arr = psf_models.prepare(arr, psf_voxel, voxel_size)
-        return arr
+        return psf_models.read(psf, voxel_size)
     if psf is not None:
         return psf
     if wavelength is None:
@@ -264,8 +242,8 @@ def _channel_psf(psf: Any, wavelength: Any, c: int, shape: tuple[int, ...],
         raise ValueError(f"deconvolve_stack: channel {c}: a PSF generated from wavelength= "
                          f"needs {' and '.join(n + '=' for n in missing)}")
     try:
-        grid = generated_psf_shape(shape) if psf_shape is None else tuple(psf_shape)
-        return psf_models.born_wolf(grid, voxel_size, na=na, wavelength=wavelength, ni=ni)
+        return psf_models.for_image(shape, voxel_size, na=na, wavelength=wavelength, ni=ni,
+                                    shape=psf_shape)
     except (TypeError, ValueError) as e:
         raise _with_message(e, f"deconvolve_stack: channel {c}: Born–Wolf PSF: {e}") from None
 
@@ -360,7 +338,7 @@ def deconvolve_stack(
         wavelength: "rl": emission wavelength(s) in µm, per channel as ``psf``: a channel
             without a PSF gets a widefield Born–Wolf PSF (``rln_fast.psf.born_wolf``) from
             its wavelength, ``na``, ``ni`` and ``voxel_size``, on a ``psf_shape`` grid
-            (default: ``generated_psf_shape`` of the volume, about half of it, odd sides).
+            (default: ``rln_fast.psf.generated_shape`` of the volume, cropped to the support).
         progress: a tqdm bar over the volumes (the APIs' own bars are off).
         volume_callback: called as ``volume_callback(done, total)`` after each deconvolved
             volume; an exception it raises stops the run and propagates.

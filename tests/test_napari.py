@@ -118,8 +118,9 @@ def test_rl_widget_generated_psf_equals_api(viewer, dock, qtbot):
 
     assert steps[:4] == [1, 2, 3, 4]
     out = viewer.layers["cells RL 4 it"]
-    # Half the image, odd sides: (16, 32, 32) -> (9, 17, 17).
-    psf = rf.psf.born_wolf((9, 17, 17), VOXEL, na=1.3, wavelength=0.6, ni=1.515)
+    # As every run generates one: the image's odd sides (15, 31, 31), cropped to the support.
+    assert rf.psf.generated_shape(img.shape) == (15, 31, 31)
+    psf = rf.psf.for_image(img.shape, VOXEL, na=1.3, wavelength=0.6, ni=1.515)
     expected = rf.richardson_lucy(img, psf, 4, acceleration="shb", edges="bertero",
                                   device="cpu", progress=False)
     np.testing.assert_array_equal(out.data, expected)
@@ -168,7 +169,7 @@ def test_rl_widget_edited_voxel_size_sets_output_scale(viewer, dock, qtbot):
     _wait(qtbot, w)
     out = viewer.layers["b RL 1 it"]
     assert tuple(out.scale) == pytest.approx((0.4, 0.1, 0.1))
-    psf = rf.psf.born_wolf((9, 17, 17), (0.4, 0.1, 0.1), na=1.4, wavelength=0.52, ni=1.515)
+    psf = rf.psf.for_image(img.shape, (0.4, 0.1, 0.1), na=1.4, wavelength=0.52, ni=1.515)
     np.testing.assert_array_equal(
         out.data, rf.richardson_lucy(img, psf, 1, device="cpu", progress=False))
 
@@ -303,7 +304,7 @@ def test_stack_widget_multichannel_rl_equals_api(viewer, dock, qtbot):
                                    wavelength=[0.46, None], na=1.3, ni=1.515, voxel_size=VOXEL,
                                    num_iter=[3, 2], device="cpu", progress=False)
     np.testing.assert_array_equal(out.data, expected)
-    psf0 = rf.psf.born_wolf((5, 9, 9), VOXEL, na=1.3, wavelength=0.46, ni=1.515)
+    psf0 = rf.psf.for_image(img.shape[1:], VOXEL, na=1.3, wavelength=0.46, ni=1.515)
     np.testing.assert_array_equal(out.data[0], rf.richardson_lucy(img[0], psf0, 3,
                                                                   progress=False))
     assert tuple(out.scale) == pytest.approx(SCALE4)
@@ -382,7 +383,7 @@ def test_stack_widget_unticked_channel_passes_through(viewer, dock, qtbot, notif
     assert _errors(notifications) == []
     out = viewer.layers["cells RL"].data
     np.testing.assert_array_equal(out[0], img[0].astype(np.float32))
-    psf = rf.psf.born_wolf((5, 9, 9), VOXEL, na=1.4, wavelength=0.52, ni=1.515)
+    psf = rf.psf.for_image(img.shape[1:], VOXEL, na=1.4, wavelength=0.52, ni=1.515)
     np.testing.assert_array_equal(out[1], rf.richardson_lucy(img[1], psf, 2, progress=False))
 
 

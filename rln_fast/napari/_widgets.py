@@ -34,7 +34,7 @@ from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QObject, Signal
 
-from rln_fast.stack import AXES, check_axes, generated_psf_shape, parse_selection
+from rln_fast.stack import AXES, check_axes, parse_selection
 
 if TYPE_CHECKING:
     import napari
@@ -61,12 +61,6 @@ def _resolve_device(choice: str) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def rl_psf_shape(image_shape: tuple[int, ...]) -> tuple[int, int, int]:
-    """Grid of the PSF the RL widgets generate: ``rln_fast.stack.generated_psf_shape``, about
-    half the image, odd sides, <= 129 voxels."""
-    return generated_psf_shape(image_shape)
 
 
 def _image_3d(layer: Image | None, who: str, *, stack_hint: bool = True) -> Any:
@@ -251,7 +245,8 @@ class RichardsonLucyWidget(_Panel):
     PSF: an image layer (used as it is when its scale equals the image's voxel size, else
     resampled onto the image grid by ``rln_fast.psf.prepare`` without background subtraction),
     or a widefield Born–Wolf PSF generated from NA, emission wavelength and immersion index
-    on the grid of ``rl_psf_shape``. Cancel stops after the current iteration; nothing is added.
+    as every run generates one (``rln_fast.psf.for_image``). Cancel stops after the current
+    iteration; nothing is added.
     """
 
     title = "Richardson–Lucy"
@@ -292,12 +287,12 @@ class RichardsonLucyWidget(_Panel):
         voxel = self.voxel_size
         psf_choice = self.psf.value
         if psf_choice == _GENERATE:
-            shape = rl_psf_shape(tuple(data.shape))
+            shape = tuple(data.shape)
             optics = {"na": float(self.na.value), "wavelength": float(self.wavelength.value),
                       "ni": float(self.ni.value)}
 
             def make_psf() -> np.ndarray:
-                return psf_models.born_wolf(shape, voxel, **optics)
+                return psf_models.for_image(shape, voxel, **optics)
         else:
             psf_data = np.asarray(_image_3d(psf_choice, f"{self.title} PSF", stack_hint=False))
             psf_voxel = tuple(float(s) for s in psf_choice.scale[-3:])
