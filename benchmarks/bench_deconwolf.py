@@ -18,6 +18,13 @@ FFTW on any size); ours is image + PSF per axis rounded up to 2^a 3^b 5^c 7^d (1
 No PSF is cropped by energy on our side: the 181x181 PSF is itself a crop of a cone that is
 ~600 px wide in its end planes, and cutting it further changes the model, not just the speed.
 
+deconwolf's speed is its FFTW's: Debian's libfftw3f has SSE2/AVX codelets only
+("fftw-3.3.10-sse2-avx"); FFTW 3.3.10 built with --enable-float --enable-threads
+--enable-openmp --enable-avx2 --enable-avx512 --enable-fma (from `apt-get source fftw3`) and
+given to dw through LD_LIBRARY_PATH is its strongest build on an AVX-512 machine. The JSON
+records which one ran ("deconwolf_fft_backend"). A HOME of its own keeps that build's FFTW
+wisdom apart from the system one's.
+
 Run:  python benchmarks/bench_deconwolf.py [--threads 2] [--iterations 20] [--json PATH]
       (or pytest benchmarks/bench_deconwolf.py, which writes benchmarks/results/
       deconwolf_cpu.json). Finds ``dw`` through RLN_FAST_DECONWOLF (the executable or its
