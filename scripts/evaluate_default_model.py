@@ -24,7 +24,8 @@ In (a) and (b) both methods are scored after a least-squares affine fit to the t
 units differ): PSNR over the truth's range, SSIM by skimage.metrics.structural_similarity.
 RL is plain Richardson-Lucy with periodic edges (the simulations' own forward model), scored
 at 10, 20, 40, 80, 120, 200 and 300 iterations; its best count per volume and per metric is
-used. RL's scores do not depend on the model: --cache DIR keeps them between runs.
+used. RL's scores and the truths of (b) do not depend on the model: --cache DIR keeps them
+between runs.
 Writes OUT_DIR/evaluation.json and pictures OUT_DIR/dapi.png, OUT_DIR/semi_synthetic.png,
 OUT_DIR/phantoms.png.
 """
@@ -169,14 +170,27 @@ def _pad_to(vol: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return np.pad(vol, [(e // 2, e - e // 2) for e in extra])
 
 
-def _truths(data: Path, psf: np.ndarray) -> dict[str, np.ndarray]:
+def _cached_truth(cache: Path | None, key: str, stack: np.ndarray, psf: np.ndarray) -> np.ndarray:
+    """_truth_from_stack(stack, psf), kept in ``cache`` (keyed by the stack and PSF) when given."""
+    digest = hashlib.sha256(np.ascontiguousarray(stack).tobytes()
+                            + np.ascontiguousarray(psf, dtype=np.float64).tobytes()).hexdigest()[:16]
+    path = cache / f"truth_{key}_{digest}.npy" if cache is not None else None
+    if path is not None and path.is_file():
+        return np.load(path)
+    t = _truth_from_stack(stack, psf)
+    if path is not None:
+        np.save(path, t)
+    return t
+
+
+def _truths(data: Path, psf: np.ndarray, cache: Path | None = None) -> dict[str, np.ndarray]:
     """Truth volumes, each at least the PSF's size + 15 voxels per axis (zero-padded)."""
     import tifffile
 
     out = {}
     dapi = data / "deconwolf" / "dapi_001.tif"
     if dapi.is_file():
-        t = _truth_from_stack(tifffile.imread(dapi), psf)
+        t = _cached_truth(cache, "dapi", tifffile.imread(dapi), psf)
         out["dapi"] = t
         # The same nucleus upside down in z and mirrored in x: another placement in the PSF.
         out["dapi_flipped"] = np.ascontiguousarray(t[::-1, :, ::-1])
@@ -188,7 +202,7 @@ def _truths(data: Path, psf: np.ndarray) -> dict[str, np.ndarray]:
     kernel = data / "flowdec" / "bead-25pct__kernel.tif"
     if beads.is_file() and kernel.is_file():
         k = tifffile.imread(kernel).astype(np.float64)
-        out["beads"] = _truth_from_stack(tifffile.imread(beads), k)
+        out["beads"] = _cached_truth(cache, "beads", tifffile.imread(beads), k)
     least = tuple(p + 15 for p in psf.shape)
     return {k: _pad_to(v, least) for k, v in out.items()}
 
@@ -274,7 +288,8 @@ def main() -> None:
     ap.add_argument("out_dir")
     ap.add_argument("--data", default=str(DEFAULT_DATA), help="folder with deconwolf/ and flowdec/")
     ap.add_argument("--phantoms", type=int, default=8)
-    ap.add_argument("--cache", default=None, help="folder keeping RL's scores between runs")
+    ap.add_argument("--cache", default=None,
+                    help="folder keeping RL's scores and the deconvolved truths of (b) between runs")
     ap.add_argument("--no-pictures", action="store_true")
     ap.add_argument("--semi", default=",".join(s[0] for s in SEMI_SYNTHETIC),
                     help="comma-separated semi-synthetic volumes to run (default: all)")
@@ -306,7 +321,7 @@ def main() -> None:
 
     # (b) semi-synthetic volumes with real structure
     data = Path(args.data)
-    truths = _truths(data, psf)
+    truths = _truths(data, psf, cache)
     rows, pics = [], []
     wanted = {w for w in args.semi.split(",") if w}
     for name, source, peak, bg, haze, seed in SEMI_SYNTHETIC:
