@@ -9,8 +9,9 @@ import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from scipy import ndimage, signal, special
-from scipy.interpolate import CubicSpline
+
+# scipy is imported inside the functions that use it: its signal module alone takes ~1 s to
+# import, which every command that reads a PSF file would pay.
 
 __all__ = ["gaussian", "born_wolf", "gibson_lanni", "confocal", "prepare", "for_image",
            "generated_shape", "read", "MODELS"]
@@ -131,6 +132,9 @@ def _radial_psf(
     voxel gets the mean of the profile over its (y, x) area (Gauss–Legendre, _PIXEL_NODES²
     points) instead of its centre value; planes stay point samples.
     """
+    from scipy import special
+    from scipy.interpolate import CubicSpline
+
     nz, ny, nx = shape
     dz, dy, dx = voxel_size
     k = 2.0 * math.pi / wavelength
@@ -497,6 +501,8 @@ def confocal(
     Returns:
         float32 array (z, y, x), sum 1.
     """
+    from scipy import signal
+
     shape_t = _check_shape(shape)
     vs = _check_triplet(voxel_size, "voxel_size")
     ni = _check_positive(ni, "ni")
@@ -579,6 +585,8 @@ def _fwhm_voxels(arr: np.ndarray, centre: Sequence[int]) -> tuple[float, float, 
 
 def _centre_of_mass(arr: np.ndarray, centre: Sequence[int], half: Sequence[int]) -> np.ndarray:
     """Centre of mass (voxel units) of ``arr`` in the box ``centre ± half``, clipped to the array."""
+    from scipy import ndimage
+
     lo = [max(0, c - h) for c, h in zip(centre, half, strict=True)]
     hi = [min(n, c + h + 1) for n, c, h in zip(arr.shape, centre, half, strict=True)]
     box = arr[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
@@ -596,6 +604,8 @@ def _centre(arr: np.ndarray) -> np.ndarray:
     the brightest voxel: less noisy than a parabola fit, and a small box keeps it within a
     fraction of a voxel of the maximum even for axially asymmetric (Gibson–Lanni) PSFs.
     """
+    from scipy import ndimage
+
     # A 3³ box filter keeps a single hot voxel from winning over the real peak; the brightest
     # voxel next to the filtered maximum is the peak (the filter ties on a lone bright voxel).
     smooth = np.unravel_index(np.argmax(ndimage.uniform_filter(arr, 3, mode="constant")), arr.shape)
@@ -650,6 +660,8 @@ def _centre(arr: np.ndarray) -> np.ndarray:
 def _resample(arr: np.ndarray, src: Sequence[float], dst: Sequence[float]) -> np.ndarray:
     """Resample an odd-sized, centred PSF from voxel size ``src`` to ``dst`` (µm, (z, y, x)),
     keeping the centre voxel at the centre and the physical extent."""
+    from scipy import ndimage
+
     ratio = np.asarray(dst, dtype=float) / np.asarray(
         src, dtype=float
     )  # input voxels per output voxel
