@@ -36,9 +36,10 @@ RLN_BYTES_PER_VOXEL = 256
 # run (benchmarks/bench_memory.py, 25 blocks, the budget's rule at 56 B giving 1.27x).
 RL_BYTES_PER_VOXEL = 80
 # What a file run holds besides its tiles, once, on the host: the first call of the kernels
-# (torch.library imports ~800 modules: 81 MiB measured), the model (10), zarr (8), buffers
-# of the reader and writer; measured between blocks: 107-114 MiB. A budget for the whole
-# process (deconvolve_file on the CPU) leaves this out of the tiles' share.
+# (through the custom ops, torch.library imported ~800 modules: 81 MiB measured; eager calls
+# now skip that import, see _backend.direct, so this is an upper bound), the model (10), zarr
+# (8), buffers of the reader and writer; measured between blocks: 107-114 MiB. A budget for
+# the whole process (deconvolve_file on the CPU) leaves this out of the tiles' share.
 RUN_OVERHEAD_BYTES = 112 << 20
 # A whole-volume pass (percentiles, finiteness) per voxel of the slab it holds: the read, a
 # float32 copy, order-preserving keys and their temporaries (counted: ~30 B).
