@@ -1293,22 +1293,25 @@ class OutputVolume:
         _remove(self._partial)
         _remove(self._record)
         self._record.mkdir()
-        if self.format.startswith("ome-zarr"):
-            ngff = self.format.rsplit("-", 1)[1]
-            self._zarr = _create_zarr(self._partial, self.path.name, self.shape, self.dtype,
-                                      self.block, self.voxel_size, ngff)
-        else:
-            self._create_tiff()
+        self._create_storage()
         # The fingerprint comes last: a record without it is never resumed.
         tmp = self._record / "fingerprint.json.tmp"
         tmp.write_text(json.dumps(expected))
         os.replace(tmp, self._record / "fingerprint.json")
 
-    def _create_tiff(self) -> None:
+    def _create_storage(self) -> None:
+        """The empty partial output: a Zarr array, or a TIFF with its space reserved."""
+        if self.format.startswith("ome-zarr"):
+            ngff = self.format.rsplit("-", 1)[1]
+            self._zarr = _create_zarr(self._partial, self.path.name, self.shape, self.dtype,
+                                      self.block, self.voxel_size, ngff)
+        else:
+            self._create_tiff(self.shape, _tiff_kwargs(self.format, self.voxel_size))
+
+    def _create_tiff(self, shape: tuple[int, ...], kwargs: dict) -> None:
         import tifffile
 
-        mm = tifffile.memmap(self._partial, shape=self.shape, dtype=self.dtype,
-                             **_tiff_kwargs(self.format, self.voxel_size))
+        mm = tifffile.memmap(self._partial, shape=shape, dtype=self.dtype, **kwargs)
         self._offset = int(mm.offset)
         del mm
         # Reserve the disk space now: a full disk then fails here, as an error, instead of
@@ -1327,9 +1330,10 @@ class OutputVolume:
 
     # -- writing
     def write_block(self, index: Sequence[int], data: Any) -> None:
-        """Store ``data`` (the block's box shape; edge blocks are smaller), cast to ``dtype``,
-        then record the block as done."""
-        box = self.block_slices(index)
+        """Store ``data`` as block ``index`` ((i, j, k); (t, c, i, j, k) in an OutputStack) —
+        the block's (z, y, x) box shape, smaller at the edges —, cast to ``dtype``, then record
+        the block as done."""
+        key, box = self._locate(index)
         want = tuple(s.stop - s.start for s in box)
         arr = _to_numpy(data)
         if arr.shape != want:
@@ -1342,14 +1346,20 @@ class OutputVolume:
                     zarr = _import_zarr(self.path, "to write OME-Zarr")
 
                     self._zarr = zarr.open_array(str(self._partial / "0"), mode="r+")
-                self._zarr[box] = arr
+                self._zarr[key] = arr
             else:
-                self._write_tiff_block(box, arr)
+                self._write_tiff_block(key, box, arr)
             (self._record / _block_name(index)).touch()
         except OSError as e:
             raise _write_error(e, self._partial) from e
 
-    def _write_tiff_block(self, box: tuple[slice, slice, slice], arr: np.ndarray) -> None:
+    def _locate(self, index: Sequence[int]) -> tuple[tuple, tuple[slice, slice, slice]]:
+        """Block ``index``'s key in the stored array and its (z, y, x) box."""
+        box = self.block_slices(index)
+        return box, box
+
+    def _write_tiff_block(self, key: tuple, box: tuple[slice, slice, slice],
+                          arr: np.ndarray) -> None:
         # Map only the z-planes of this block: the flush then covers just them.
         _, ny, nx = self.shape
         plane = ny * nx * self.dtype.itemsize
@@ -1567,10 +1577,7 @@ class OutputStack(OutputVolume):
                     meta=json.loads(json.dumps(self.meta, default=str)))
         return full
 
-    def _start_over(self, expected: dict) -> None:
-        _remove(self._partial)
-        _remove(self._record)
-        self._record.mkdir()
+    def _create_storage(self) -> None:
         if self.format.startswith("ome-zarr"):
             ngff = self.format.rsplit("-", 1)[1]
             block = tuple({"t": 1, "c": 1, "z": self.block[0], "y": self.block[1],
@@ -1579,52 +1586,19 @@ class OutputStack(OutputVolume):
                                       self.dtype, block, self.voxel_size, ngff, self.axes,
                                       self.meta)
         else:
-            self._create_tiff()
-        tmp = self._record / "fingerprint.json.tmp"
-        tmp.write_text(json.dumps(expected))
-        os.replace(tmp, self._record / "fingerprint.json")
-
-    def _create_tiff(self) -> None:
-        import tifffile
-
-        mm = tifffile.memmap(self._partial, shape=self.full_shape, dtype=self.dtype,
-                             **_tiff_kwargs(self.format, self.voxel_size, self.axes, self.meta,
-                                            self.full_shape))
-        self._offset = int(mm.offset)
-        del mm
-        if hasattr(os, "posix_fallocate"):
-            with open(self._partial, "r+b") as f:
-                os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+            self._create_tiff(self.full_shape,
+                              _tiff_kwargs(self.format, self.voxel_size, self.axes, self.meta,
+                                           self.full_shape))
 
     # -- writing
-    def write_block(self, index: Sequence[int], data: Any) -> None:
-        """Store ``data`` as block ``(t, c, i, j, k)`` (the block's (z, y, x) box shape), cast
-        to ``dtype``, then record the block as done."""
+    def _locate(self, index: Sequence[int]) -> tuple[tuple, tuple[slice, slice, slice]]:
+        """Block ``(t, c, i, j, k)``: its key in the stored array, its (z, y, x) box."""
         if len(index) != 5:
             raise IndexError(f"a stack's block index is (t, c, i, j, k), got {tuple(index)}")
-        key = self._key(index)
-        box = self.block_slices(index[2:])
-        want = tuple(s.stop - s.start for s in box)
-        arr = _to_numpy(data)
-        if arr.shape != want:
-            raise ImageIOError(f"writing {self.path}: block {tuple(index)} must have shape "
-                               f"{want}, got {arr.shape}")
-        arr = arr.astype(self.dtype, copy=False)
-        try:
-            if self.format.startswith("ome-zarr"):
-                if self._zarr is None:
-                    zarr = _import_zarr(self.path, "to write OME-Zarr")
+        return self._key(index), self.block_slices(index[2:])
 
-                    self._zarr = zarr.open_array(str(self._partial / "0"), mode="r+")
-                self._zarr[key] = arr
-            else:
-                self._write_stack_planes(key, box, arr)
-            (self._record / _block_name(index)).touch()
-        except OSError as e:
-            raise _write_error(e, self._partial) from e
-
-    def _write_stack_planes(self, key: tuple, box: tuple[slice, slice, slice],
-                            arr: np.ndarray) -> None:
+    def _write_tiff_block(self, key: tuple, box: tuple[slice, slice, slice],
+                          arr: np.ndarray) -> None:
         # The planes (y, x) of one volume are not adjacent in the file (other channels or
         # time points lie between): map the span they cover, write each plane, flush.
         lead = self.full_shape[:-2]

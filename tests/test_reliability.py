@@ -274,11 +274,11 @@ def test_disk_full_keeps_blocks_and_previous_output(data, tmp_path, monkeypatch)
     io.write(out, old)
     write, calls = io.OutputVolume._write_tiff_block, []
 
-    def full_disk(self, box, arr):
+    def full_disk(self, key, box, arr):
         calls.append(box)
         if len(calls) > 3:
             raise OSError(errno.ENOSPC, "No space left on device")
-        write(self, box, arr)
+        write(self, key, box, arr)
 
     monkeypatch.setattr(io.OutputVolume, "_write_tiff_block", full_disk)
     r = _cli("deconvolve", inp, out, "--method", "rl", "--psf", psf, "--num-iter", 2,
