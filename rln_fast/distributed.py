@@ -553,23 +553,11 @@ def _deconvolve_stack(stack: io.Stack, output: Any, t0: float, *, method: str, m
             total += len(grid)
             tasks += [(job, (t, c), (t_out, c), g) for g in grid
                       if (t_out, c, *g.index) not in done]
-    try:
-        if scheduler is None:
-            _run_stack_here(tasks, stack, out, progress)
-        else:
-            _run_stack_dask(tasks, stack, out, scheduler, n_workers, device, progress)
-        out.finalize()
-    except BaseException as e:
-        kept = len(out.done_blocks())
-        resumable = isinstance(e, (KeyboardInterrupt, OSError, io.ImageIOError)) and kept > 0
-        out.abort(keep_record=resumable)
-        if resumable:
-            _note(e, f"{kept} of {total} finished blocks are kept in {out._partial}: rerun "
-                     "the same command to resume")
-        else:
-            _note(e, f"nothing was kept: {out._partial.name} and {out._record.name} were "
-                     "removed")
-        raise
+    if scheduler is None:
+        _write_all(out, total, lambda: _run_stack_here(tasks, stack, out, progress))
+    else:
+        _write_all(out, total, lambda: _run_stack_dask(tasks, stack, out, scheduler, n_workers,
+                                                       device, progress))
     return {"blocks": total, "resumed_blocks": total - len(tasks), "block": core,
             "halo": {c: first[c].halo for c in sel_c}, "volumes": len(sel_t) * n_c,
             "axes": out.axes, "seconds": _time.perf_counter() - t0, "output": str(output)}
@@ -654,27 +642,34 @@ def _deconvolve_file(src: io.Volume, output: Any, t0: float, lock: Any, *, metho
                            inputs=inputs)
     done = out.done_blocks()
     todo = [t for t in tiles if t.index not in done]
+    if scheduler is None:
+        _write_all(out, len(tiles), lambda: _run_here(job, src, out, todo, progress))
+    else:
+        _write_all(out, len(tiles),
+                   lambda: _run_dask(job, src, out, todo, scheduler, n_workers, progress))
+    return {"blocks": len(tiles), "resumed_blocks": len(tiles) - len(todo), "block": core,
+            "halo": job.halo, "seconds": _time.perf_counter() - t0, "output": str(output)}
+
+
+def _write_all(out: io.OutputVolume, total: int, run: Any) -> None:
+    """``run()`` (the blocks still to do), then finalize ``out``. On failure: interrupted, or
+    the disk (full, unreadable) after some blocks, the finished blocks are kept for a rerun to
+    resume; bad data or settings, or nothing finished, and everything reserved is removed.
+    The error gets a note saying which."""
     try:
-        if scheduler is None:
-            _run_here(job, src, out, todo, progress)
-        else:
-            _run_dask(job, src, out, todo, scheduler, n_workers, progress)
+        run()
         out.finalize()
     except BaseException as e:
-        # Interrupted, or the disk (full, unreadable) after some blocks: a rerun resumes them.
-        # Bad data or settings, or nothing finished: nothing is worth keeping.
         kept = len(out.done_blocks())
         resumable = isinstance(e, (KeyboardInterrupt, OSError, io.ImageIOError)) and kept > 0
         out.abort(keep_record=resumable)
         if resumable:
-            _note(e, f"{kept} of {len(tiles)} finished blocks are kept in {out._partial}: rerun "
+            _note(e, f"{kept} of {total} finished blocks are kept in {out._partial}: rerun "
                      "the same command to resume")
         else:
             _note(e, f"nothing was kept: {out._partial.name} and {out._record.name} were "
                      "removed")
         raise
-    return {"blocks": len(tiles), "resumed_blocks": len(tiles) - len(todo), "block": core,
-            "halo": job.halo, "seconds": _time.perf_counter() - t0, "output": str(output)}
 
 
 def _run_here(job: BlockJob, src: io.Volume, out: io.OutputVolume, todo: list, progress: bool):
