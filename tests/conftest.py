@@ -1,8 +1,11 @@
-"""Shared test fixtures: the device list, the shared/ folder beside the checkout, seeded RNGs."""
+"""Shared test fixtures: the device list, the shared/ folder beside the checkout, seeded RNGs,
+a saved random RLN, and a fresh Python process."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 # Qt (the napari tests) needs a display; without one it aborts the whole run. Headless
@@ -27,3 +30,21 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip("../shared (official checkpoint and test data) is not beside this checkout")
     return SHARED
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory) -> Path:
+    """An RLN with seeded random weights, saved once per test module."""
+    from rln_fast.models.rln import RLN
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "random.pt"
+    RLN().save(path)
+    return path
+
+
+def fresh_python(code: str) -> str:
+    """What ``code`` prints when a new Python process runs it (which must exit with 0)."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out.stdout

@@ -17,7 +17,6 @@ from click.testing import CliRunner
 
 from rln_fast import distributed, io
 from rln_fast.cli import main
-from rln_fast.models.rln import RLN
 
 pytest.importorskip("zarr")  # the GPU machine has no zarr: these tests run in CI
 
@@ -28,14 +27,6 @@ def _imagej(path: Path, arr: np.ndarray) -> Path:
     tifffile.imwrite(path, arr, imagej=arr.dtype != np.float64,
                      resolution=(1 / VOXEL[2], 1 / VOXEL[1]),
                      metadata={"spacing": VOXEL[0], "unit": "um", "axes": "ZYX"[-arr.ndim:]})
-    return path
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "random.pt"
-    RLN().save(path)
     return path
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tifffile
-import torch
 
 import rln_fast as rf
 from rln_fast import distributed, io
@@ -15,14 +14,6 @@ from rln_fast.models.rln import RLN
 pytest.importorskip("zarr")  # the GPU machine has no zarr: these tests run in CI
 
 VOXEL = (0.3, 0.13, 0.13)
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "random.pt"
-    RLN().save(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-import torch
 from click.testing import CliRunner
 
 from rln_fast import distributed, io
 from rln_fast import psf as psf_models
 from rln_fast.cli import main
-from rln_fast.models.rln import RLN
 
 zarr = pytest.importorskip("zarr")
 
@@ -204,14 +202,6 @@ def test_rl_per_channel_equals_single_volume_and_keeps_metadata(tmp_path, kind, 
             ref = _single(tmp_path, data[t, c], f"v{t}{c}", psf=k, num_iter=n,
                           rl_options={"background": bg}, **RL)
             np.testing.assert_array_equal(s.volume(t_out, c)[:, :, :], ref)
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "random.pt"
-    RLN().save(path)
-    return path
 
 
 def test_rln_on_some_channels_copies_the_others(tmp_path, model_path):

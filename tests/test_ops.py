@@ -11,7 +11,7 @@ import rln_fast
 from rln_fast import ops
 from rln_fast.ops import reference
 
-from .conftest import DEVICES
+from .conftest import DEVICES, fresh_python
 
 f64 = torch.float64
 
@@ -287,16 +287,11 @@ def test_direct_calls_only_where_the_dispatcher_adds_nothing():
 
 
 def test_inference_never_imports_dynamo():
-    import subprocess
-    import sys
-
     code = ("import sys, numpy as np, rln_fast as rf\n"
             "v = np.random.default_rng(0).random((8, 16, 16), dtype=np.float32)\n"
             "rf.rln_deconvolve(v, progress=False)\n"
             "print('torch._dynamo' in sys.modules)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "False"
+    assert fresh_python(code).strip() == "False"
 
 
 # (e) torch.compile and CUDA vs the CPU twin -----------------------------------------------

@@ -14,7 +14,7 @@ from rln_fast import _backend
 from rln_fast.ops import reference_rl as ref
 from rln_fast.ops import rl_classic as rc
 
-from .conftest import DEVICES
+from .conftest import DEVICES, fresh_python
 
 f64 = torch.float64
 
@@ -227,18 +227,13 @@ def test_public_functions_trace_through_the_ops_under_compile():
 def test_richardson_lucy_never_imports_dynamo():
     # The custom-op dispatcher's first call imports torch._dynamo (~1 s, 80 MiB); RL's eager
     # loop calls the kernels directly, so a command-line RL run does not pay for it.
-    import subprocess
-    import sys
-
     code = ("import sys, numpy as np, rln_fast as rf\n"
             "img = np.random.default_rng(0).random((8, 16, 16), dtype=np.float32) + 1\n"
             "k = np.ones((3, 3, 3), np.float32)\n"
             "for m in ('fft', 'direct'):\n"
             "    rf.richardson_lucy(img, k, 3, method=m, progress=False)\n"
             "print('torch._dynamo' in sys.modules)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "False"
+    assert fresh_python(code).strip() == "False"
 
 
 # (d) edge cases ---------------------------------------------------------------------------
