@@ -79,7 +79,10 @@ def _to_um(unit: Any) -> float | None:
     return _UM_PER_UNIT.get(u)
 
 
-def _check_voxel_size(voxel_size: Any, where: Path) -> tuple[float, float, float] | None:
+def _check_voxel_size(voxel_size: Any, context: str,
+                      error: type[Exception] = ImageIOError) -> tuple[float, float, float] | None:
+    """``voxel_size`` as three positive finite floats (dz, dy, dx), or None; otherwise
+    ``error`` with a message that starts with ``context`` (who asks)."""
     if voxel_size is None:
         return None
     try:
@@ -87,9 +90,10 @@ def _check_voxel_size(voxel_size: Any, where: Path) -> tuple[float, float, float
     except (TypeError, ValueError):
         v = ()
     if len(v) != 3 or not all(math.isfinite(s) and s > 0 for s in v):
-        raise ImageIOError(f"writing {where}: voxel_size must be three positive numbers "
-                           f"(dz, dy, dx) in µm, got {voxel_size!r}")
+        raise error(f"{context}: voxel_size must be three positive numbers (dz, dy, dx) in µm, "
+                    f"got {voxel_size!r}")
     return v
+
 
 
 def _check_ngff(ngff: Any, where: Path) -> str:
@@ -1146,7 +1150,7 @@ def write(path: str | os.PathLike, arr: Any, voxel_size: Sequence[float] | None 
     ngff = _check_ngff(ngff, path)
     fmt = _output_format(path, ngff)
     data = _as_volume(arr, path)
-    voxel = _check_voxel_size(voxel_size, path)
+    voxel = _check_voxel_size(voxel_size, f"writing {path}")
     if fmt == "imagej-tiff":
         _check_imagej_dtype(data.dtype, path)
     if not overwrite and (path.exists() or path.is_symlink()):
@@ -1488,7 +1492,7 @@ def create_output(path: str | os.PathLike, shape: Sequence[int], dtype: Any,
         _check_imagej_dtype(dt, path)
     shp = _check_block(shape, path, "shape")
     out = OutputVolume(path, shp, dt, _check_block(block, path), fmt,
-                       _check_voxel_size(voxel_size, path))
+                       _check_voxel_size(voxel_size, f"writing {path}"))
     out.overwrite = bool(overwrite)
     expected = out._fingerprint(fingerprint)
     _check_tiff_size(fmt, shp, dt, path)
@@ -1710,7 +1714,7 @@ def create_stack_output(path: str | os.PathLike, axes: str, n_time: int, n_chann
             "time_increment": _positive(time_increment), "time_unit": unit,
             "processing": processing, "omero_channels": omero_channels}
     out = OutputStack(path, out_axes, n_time, n_channels, shp, dt, _check_block(block, path),
-                      fmt, _check_voxel_size(voxel_size, path), meta)
+                      fmt, _check_voxel_size(voxel_size, f"writing {path}"), meta)
     out.overwrite = bool(overwrite)
     expected = out._fingerprint(fingerprint)
     _check_tiff_size(fmt, shp, dt, path)

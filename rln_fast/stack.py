@@ -184,19 +184,6 @@ def _kind(array: Any) -> str:
                     f"{type(array).__name__}")
 
 
-def _check_voxel_size(voxel_size: Any) -> tuple[float, float, float] | None:
-    if voxel_size is None:
-        return None
-    try:
-        vs = tuple(float(v) for v in voxel_size)
-    except (TypeError, ValueError):
-        vs = ()
-    if len(vs) != 3 or not all(np.isfinite(v) and v > 0 for v in vs):
-        raise ValueError(f"deconvolve_stack: voxel_size must be three positive numbers "
-                         f"(dz, dy, dx) in µm, got {voxel_size!r}")
-    return vs  # type: ignore[return-value]
-
-
 def _check_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
     """``options`` checked against the keywords of the single-volume API of ``method``;
     ``rl_method`` becomes richardson_lucy's ``method`` ("fft" or "direct")."""
@@ -370,7 +357,9 @@ def deconvolve_stack(
                          f"{'applies' if len(wrong) == 1 else 'apply'} to method={other!r} "
                          f"only, not {method!r}")
     options = _check_options(method, options)
-    voxel = _check_voxel_size(voxel_size)
+    from rln_fast.io import _check_voxel_size  # the same check as the file writers'
+
+    voxel = _check_voxel_size(voxel_size, "deconvolve_stack", ValueError)
     shape = tuple(int(n) for n in array.shape)
     nt = shape[axes.index("t")] if "t" in axes else 1
     nc = shape[axes.index("c")] if "c" in axes else 1
