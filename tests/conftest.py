@@ -1,5 +1,5 @@
 """Shared test fixtures: the device list, the shared/ folder beside the checkout, seeded RNGs,
-a saved random RLN, and a fresh Python process."""
+a saved random RLN, one torch thread, and a fresh Python process."""
 
 from __future__ import annotations
 
@@ -41,6 +41,18 @@ def model_path(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("model") / "random.pt"
     RLN().save(path)
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """torch (and MKL, OpenMP) on one thread for the test: for results compared bit for bit
+    with a child process or Dask worker that runs on one. MKL's CPU FFTs round differently on
+    one and on two threads on some CPUs (AVX-512 Xeons: ~1e-7 relative), so a result is only
+    reproducible for a given thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def fresh_python(code: str) -> str:

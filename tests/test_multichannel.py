@@ -304,7 +304,8 @@ def _same_stacks(a: Path, b: Path) -> None:
         np.testing.assert_array_equal(sa.volume(t, c)[:, :, :], sb.volume(t, c)[:, :, :])
 
 
-def test_command_killed_then_resumed_equals_an_unbroken_run(tmp_path, series):
+def test_command_killed_then_resumed_equals_an_unbroken_run(tmp_path, series, one_thread):
+    # The child runs on one thread; so do the resumed run and the fresh one it is compared with.
     inp, k0, k1 = series
     out = tmp_path / "k.ome.zarr"
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
@@ -323,7 +324,8 @@ def test_command_killed_then_resumed_equals_an_unbroken_run(tmp_path, series):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("k.")) == [out.name]
 
 
-def test_two_worker_cluster_equals_one_process(tmp_path, series):
+def test_two_worker_cluster_equals_one_process(tmp_path, series, one_thread):
+    # Two workers on 2 cores run one thread each; so does the single-process run.
     pytest.importorskip("distributed")
     inp, k0, k1 = series
     kw = {"psf": [k0, k1], "num_iter": [2, 3], "tile": (4, 8, 18), "time": "0:2",

@@ -25,6 +25,9 @@ from rln_fast.rl import richardson_lucy
 
 zarr = pytest.importorskip("zarr")
 
+# The children run on one thread (OMP_NUM_THREADS=1); the runs compared with theirs bit for
+# bit use one too (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 SHAPE = (16, 48, 48)
 RL = {"method": "rl", "num_iter": 2, "tile": (8, 24, 24), "progress": False}
 ROOT = Path(__file__).resolve().parents[1]
