@@ -5,7 +5,8 @@ compare the device with the CPU.
 Covered: the z-slab FusedRLN forward (small slab threshold, odd shapes, N = 2), the fused
 conv3d_rl epilogues at odd shapes and D, H, W = 2, the channel-chunked conv fallback past the
 shared-memory limit (forward and the input gradient, which swaps Cin and Cout), the FFT and
-direct RL paths with TV, background and float64, error messages, autocast and tiled RLN.
+direct RL paths with TV, background and float64 (with stored Bertero weights and the fused
+prediction), error messages, autocast and tiled RLN.
 """
 
 from __future__ import annotations
@@ -320,8 +321,16 @@ def test_rl_ops_tv_background(device, dtype):
         got = ops.rl_update(work, ratio, weights, tv=0.01, tv_periodic=periodic)
         want = reference_rl.rl_update(work, ratio, weights, 0.01, 0.0, 1e-6, periodic)
         assert got.dtype == dtype and rel_err(got, want) <= tol
+    # w stored per voxel (the CPU solver's form; the kernels read it on any device) and the
+    # fused accelerated prediction.
+    stored = ops.store_edge_weights(weights, work)
+    assert torch.equal(ops.rl_update(work, ratio, stored, tv=0.01),
+                       ops.rl_update(work, ratio, weights, tv=0.01))
     k = torch.from_numpy(psf).to(device=device, dtype=dtype)
     est = (torch.rand(2, 1, 11, 15, 39, generator=g, **kw) + 0.1).to(device)
+    step = work - est
+    want = reference_rl.rl_predict(work, step, 0.6)
+    assert rel_err(ops.rl_predict_(step, work, 0.6), want) <= tol
     r = ops.psf_conv_ratio(image, est, k, 0.05)
     assert rel_err(r, reference_rl.psf_conv_ratio(image, est, k, 0.05)) <= tol
     wd = ops.edge_weights(psf, (11, 15, 39), (7, 9, 33), (2, 3, 3), circular=False, device=device)

@@ -178,6 +178,57 @@ def test_malformed_bounds_are_clamped_not_read_out_of_range():
     assert rel_err(got, torch.full_like(ones, 1 / psf.sum().item())) <= 1e-12
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, f64])
+@pytest.mark.parametrize("tv", [0.0, 0.02])
+def test_stored_edge_weights_give_the_same_update(dtype, tv):
+    # w stored per voxel (the CPU solver's form) updates exactly as w evaluated from the table.
+    g = torch.Generator().manual_seed(9)
+    image, blurred, est, corr, psf, w = fft_case(2, (3, 5, 4), (6, 9, 10), (4, 5, 7), g=g, dtype=dtype)
+    stored = rc.store_edge_weights(w, est)
+    assert stored.dense.shape == (6, 9, 10) and stored.dense.dtype == dtype
+    want = ref.edge_weight_volume(w.table, w.bounds, w.threshold, (6, 9, 10)).to(dtype)
+    assert torch.equal(stored.dense, want) if dtype == f64 else torch.allclose(stored.dense, want)
+    assert torch.equal(rc.rl_update(est, corr, stored, tv), rc.rl_update(est, corr, w, tv))
+    outs = []
+    for weights in (w, stored):
+        out, prev, change = corr.clone(), est.clone() * 0.5, corr.clone()
+        dots = rc.rl_update_(out, est, weights, tv, previous=prev, change=change)
+        outs.append((out, prev, change, dots))
+    for a, b in zip(*outs, strict=True):
+        assert torch.equal(a, b)
+    # The direct path's update reads them the same way.
+    k = psf[:3, :3, :3].contiguous()
+    wd = rc.edge_weights(k, (5, 7, 8), (3, 5, 6), (1, 1, 1), circular=False)
+    e2 = est[:1, :, :5, :7, :8].contiguous()
+    r = image[:1].contiguous()
+    assert torch.equal(rc.psf_conv_update(e2, r, k, rc.store_edge_weights(wd, e2), tv),
+                       rc.psf_conv_update(e2, r, k, wd, tv))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, f64])
+def test_predict_matches_reference(dtype):
+    g = torch.Generator().manual_seed(10)
+    x = rand(2, 1, 5, 7, 33, g=g, dtype=dtype)
+    step = rand(2, 1, 5, 7, 33, g=g, dtype=dtype) - 0.5  # growing and shrinking voxels
+    x.view(-1)[:5] = 0.0  # voxels at 0 (the floor divides by tiny there)
+    want = ref.rl_predict(x, step, 0.7)
+    got = rc.rl_predict_(step, x, 0.7)
+    assert got.data_ptr() == step.data_ptr()
+    torch.testing.assert_close(got, want, rtol=1e-6 if dtype == torch.float32 else 1e-14, atol=0)
+
+
+def test_stored_edge_weights_are_checked():
+    w = rc.store_edge_weights(_W, _v(1, 1, 4, 4, 4))
+    with pytest.raises(RuntimeError, match=r"'weight_dense' must be \(D, H, W\) = \(4, 4, 5\), got \(4, 4, 4\)"):
+        rc.rl_update(_v(1, 1, 4, 4, 5), _v(1, 1, 4, 4, 5), w._replace(bounds=rc.edge_weights(
+            np.ones((3, 3, 3)), (4, 4, 5), (2, 2, 2), circular=True).bounds))
+    with pytest.raises(RuntimeError, match=r"'weight_dense' must have the dtype of 'estimate'"):
+        rc.rl_update(_v(1, 1, 4, 4, 4), _v(1, 1, 4, 4, 4), w._replace(dense=w.dense.float()))
+    with pytest.raises(RuntimeError, match=r"'weight_dense' needs the 'weight_table'"):
+        torch.ops.rln_fast.rl_update(_v(1, 1, 4, 4, 4), _v(1, 1, 4, 4, 4), None, None, 0.0, 0.0,
+                                     1.0, 0.0, True, w.dense)
+
+
 # (b) opcheck ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -189,6 +240,11 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.rln_fast.rl_ratio_.default, (blurred.clone(), image, 0.1, 1e-6))
     torch.library.opcheck(torch.ops.rln_fast.rl_update.default, (est, corr, *wt, 0.01, 0.02, 0.0, True))
     torch.library.opcheck(torch.ops.rln_fast.rl_update.default, (est, corr, None, None, 0.0, 0.0, 0.02, 0.0, False))
+    torch.library.opcheck(torch.ops.rln_fast.rl_predict_.default, (corr.clone() - 0.5, est, 0.6, 1e-30))
+    dense = rc.store_edge_weights(w, est).dense
+    torch.library.opcheck(torch.ops.rln_fast.rl_update.default, (est, corr, *wt, 0.01, 0.02, 0.0, True, dense))
+    torch.library.opcheck(torch.ops.rln_fast.rl_update_.default,
+                          (corr.clone(), est, est.clone() * 0.5, corr.clone(), *wt, 0.0, 0.02, 0.0, True, dense))
     torch.library.opcheck(torch.ops.rln_fast.rl_update_.default,
                           (corr.clone(), est, est.clone() * 0.5, corr.clone(), *wt, 0.01, 0.02, 0.0, True))
     torch.library.opcheck(torch.ops.rln_fast.rl_update_.default,
@@ -412,6 +468,14 @@ _W = rc.edge_weights(np.ones((3, 3, 3)), (4, 4, 4), (2, 2, 2), circular=True)
          r"rln_fast.rl_update: 'weight_threshold' must be a finite number >= 0, got -1"),
         (lambda: torch.ops.rln_fast.rl_update(_v(1, 1, 4, 4, 4), _v(1, 1, 4, 4, 4), _W.table, None, 0.0, 0.0, 1.0, 0.0, True),
          r"rln_fast.rl_update: 'weight_table' and 'weight_bounds' must be given together, got only 'weight_table'"),
+        (lambda: (lambda e: rc.rl_predict_(e, e, 0.5))(_v(1, 1, 3, 3, 3)),
+         r"rln_fast.rl_predict: 'step' and 'estimate' must not share memory"),
+        (lambda: rc.rl_predict_(_v(1, 1, 3, 3, 6)[..., ::2], _v(1, 1, 3, 3, 3), 0.5),
+         r"rln_fast.rl_predict: 'step' must be contiguous"),
+        (lambda: rc.rl_predict_(_v(1, 1, 3, 3, 4), _v(1, 1, 3, 3, 3), 0.5),
+         r"rln_fast.rl_predict: 'step' must have the shape of 'estimate' \(1, 1, 3, 3, 3\), got \(1, 1, 3, 3, 4\)"),
+        (lambda: rc.rl_predict_(_v(1, 1, 3, 3, 3), _v(1, 1, 3, 3, 3), float("nan")),
+         r"rln_fast.rl_predict: 'a' must be finite, got nan"),
         (lambda: (lambda e: rc.rl_update_(_v(1, 1, 3, 3, 3), e, None, 0.1, previous=e))(_v(1, 1, 3, 3, 3)),
          r"rln_fast.rl_update: 'previous' and 'estimate' must not share memory"),
         (lambda: (lambda c: rc.rl_update_(c, _v(1, 1, 3, 3, 3), change=c))(_v(1, 1, 3, 3, 3)),
@@ -458,7 +522,7 @@ def test_device_mismatch_message_meta():
     with pytest.raises(RuntimeError, match=r"rln_fast.rl_update: tensors must be on CPU or CUDA, got meta"):
         _backend.require_c("rl_update").rl_update_forward(
             torch.rand(1, 1, 2, 2, 2, device="meta"), torch.rand(1, 1, 2, 2, 2, device="meta"),
-            None, None, None, None, None, 0.0, 0.0, 1.0, 0.0, True)
+            None, None, None, None, None, 0.0, 0.0, 1.0, 0.0, True, None)
 
 
 def test_no_cuda_kernels_falls_back_to_the_twins(monkeypatch):

@@ -228,13 +228,23 @@ template <bool HasW, bool HasTv, typename T>
 void update_row(const RlUpdateParams& p, const T* est_n, const T* corr, int64_t z, int64_t y,
                 const FullX& fx, RowScratch<T>& scratch, T* out, T* previous, T* change,
                 double& cross, double& self) {
-  if (HasW) row_weights(p, z, y, fx, scratch);
+  if (HasW && !p.weights.dense) row_weights(p, z, y, fx, scratch);
   if (HasTv) row_tv(p, est_n, z, y, scratch.zero.data(), scratch.f.data());
   const T* u = est_n + (z * p.H + y) * p.W;
   const double* w = HasW ? scratch.w.data() : nullptr;
   const T* f = scratch.f.data();
   const T cm = T(p.clamp_min);
-  if (HasW) {
+  if (HasW && p.weights.dense) {
+    // The stored weights: one loop that vectorises; T(double(w)) == w, so this is what
+    // update_value gives with the weight evaluated from the table.
+    const T* wd = static_cast<const T*>(p.weights.dense) + (z * p.H + y) * p.W;
+    for (int64_t x = 0; x < p.W; ++x) {
+      T v = u[x] * corr[x];
+      v *= wd[x];
+      if (HasTv) v *= f[x];
+      out[x] = v < cm ? cm : v;
+    }
+  } else if (HasW) {
     update_segment<HasW, HasTv>(u, corr, w, 0.0, f, cm, out, 0, fx.lo);
     update_segment<HasW, HasTv>(u, corr, nullptr, scratch.w_full, f, cm, out, fx.lo, fx.hi);
     update_segment<HasW, HasTv>(u, corr, w, 0.0, f, cm, out, fx.hi, p.W);
@@ -355,6 +365,14 @@ void rl_ratio_forward(const RlRatioParams& p, const T* image, const T* blurred, 
 }
 
 template <typename T>
+void rl_predict_forward(int64_t n, const T* estimate, T* step, double a, double tiny) {
+  const T ta = T(a), tt = T(tiny);
+  for_chunks(n, int64_t(1) << 16, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) step[i] = predict_value(estimate[i], step[i], ta, tt);
+  });
+}
+
+template <typename T>
 void rl_update_forward(const RlUpdateParams& p, const T* estimate, const T* correction, T* out,
                        T* previous, T* change, double* dots) {
   update_switch<RlUpdateRows>(p, p, estimate, correction, out, previous, change, dots);
@@ -410,6 +428,7 @@ void psf_conv_update_forward(const PsfConvParams& c, const RlUpdateParams& p, co
 
 #define RLN_FAST_INSTANTIATE(T)                                                                  \
   template void rl_ratio_forward<T>(const RlRatioParams&, const T*, const T*, T*);             \
+  template void rl_predict_forward<T>(int64_t, const T*, T*, double, double);                  \
   template void rl_update_forward<T>(const RlUpdateParams&, const T*, const T*, T*, T*, T*,    \
                                      double*);                                                  \
   template void psf_conv_ratio_forward<T>(const PsfConvParams&, const T*, const T*, const T*,  \

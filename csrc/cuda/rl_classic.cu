@@ -72,6 +72,12 @@ __global__ void rl_ratio_forward_kernel(const RlRatioParams p, const T* __restri
   }
 }
 
+template <typename T>
+__global__ void rl_predict_forward_kernel(int64_t n, const T* __restrict__ estimate,
+                                          T* __restrict__ step, T a, T tiny) {
+  RLN_FAST_GRID_STRIDE(i, n) step[i] = predict_value(estimate[i], step[i], a, tiny);
+}
+
 // The Biggs dots accumulate per thread in T (a few hundred voxels each: float keeps ~6 digits,
 // plenty for the extrapolation weight) and per block in double. Measured on an H100 (45 M voxels):
 // with FP64 accumulation per voxel and the Biggs loads after the stores, this kernel took 4.1 ms
@@ -188,6 +194,15 @@ cudaError_t launch_rl_ratio_forward(const RlRatioParams& p, const T* image, cons
 }
 
 template <typename T>
+cudaError_t launch_rl_predict_forward(int64_t n, const T* estimate, T* step, double a, double tiny,
+                                      cudaStream_t s) {
+  if (n == 0) return cudaSuccess;
+  rl_predict_forward_kernel<T><<<grid_for(n, 65536), kThreads, 0, s>>>(n, estimate, step, T(a),
+                                                                          T(tiny));
+  return cudaGetLastError();
+}
+
+template <typename T>
 cudaError_t launch_rl_update_forward(const RlUpdateParams& p, const T* estimate, const T* correction,
                                      T* out, T* previous, T* change, double* dots,
                                      double* workspace, cudaStream_t s) {
@@ -243,6 +258,8 @@ cudaError_t launch_psf_conv_update_forward(const PsfConvParams& c, const RlUpdat
 #define RLN_FAST_INSTANTIATE(T)                                                                   \
   template cudaError_t launch_rl_ratio_forward<T>(const RlRatioParams&, const T*, const T*, T*,   \
                                                   cudaStream_t);                                  \
+  template cudaError_t launch_rl_predict_forward<T>(int64_t, const T*, T*, double, double,       \
+                                                    cudaStream_t);                                \
   template cudaError_t launch_rl_update_forward<T>(const RlUpdateParams&, const T*, const T*, T*, \
                                                    T*, T*, double*, double*, cudaStream_t);       \
   template cudaError_t launch_psf_conv_ratio_forward<T>(const PsfConvParams&, const T*, const T*, \

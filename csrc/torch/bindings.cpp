@@ -27,13 +27,14 @@ std::vector<at::Tensor> rl_multiply_backward(const at::Tensor&, const at::Tensor
                                              const at::Tensor&, double, bool, bool, bool);
 at::Tensor rl_ratio_forward(const at::Tensor&, const at::Tensor&, double, double,
                             const c10::optional<at::Tensor>&);
+void rl_predict_forward(const at::Tensor&, const at::Tensor&, double, double);
 std::vector<at::Tensor> rl_update_forward(const at::Tensor&, const at::Tensor&,
                                           const c10::optional<at::Tensor>&,
                                           const c10::optional<at::Tensor>&,
                                           const c10::optional<at::Tensor>&,
                                           const c10::optional<at::Tensor>&,
                                           const c10::optional<at::Tensor>&, double, double, double,
-                                          double, bool);
+                                          double, bool, const c10::optional<at::Tensor>&);
 at::Tensor psf_conv_ratio_forward(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
                                   double);
 std::vector<at::Tensor> psf_conv_update_forward(const at::Tensor&, const at::Tensor&,
@@ -42,7 +43,7 @@ std::vector<at::Tensor> psf_conv_update_forward(const at::Tensor&, const at::Ten
                                                 const c10::optional<at::Tensor>&,
                                                 const c10::optional<at::Tensor>&,
                                                 const c10::optional<at::Tensor>&, double, double,
-                                                double, double);
+                                                double, double, const c10::optional<at::Tensor>&);
 void set_conv3d_smem_limit(int64_t);
 int64_t max_cin_per_launch(int64_t, int64_t, int64_t);
 }  // namespace rln_fast
@@ -58,6 +59,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rl_multiply_forward", &rln_fast::rl_multiply_forward);
   m.def("rl_multiply_backward", &rln_fast::rl_multiply_backward);
   m.def("rl_ratio_forward", &rln_fast::rl_ratio_forward);
+  m.def("rl_predict_forward", &rln_fast::rl_predict_forward);
   m.def("rl_update_forward", &rln_fast::rl_update_forward);
   m.def("psf_conv_ratio_forward", &rln_fast::psf_conv_ratio_forward);
   m.def("psf_conv_update_forward", &rln_fast::psf_conv_update_forward);

@@ -80,13 +80,16 @@ void check_positive(const char* op, const char* arg, double v) {
 }
 
 // Weight table [pz + 1, py + 1, px + 1] float64 and bounds [D + H + W, 2] int64, both or neither.
+// dense: optional w per voxel [D, H, W] of the estimate's dtype and device (with the table).
 EdgeWeights check_weights(const char* op, const OptTensor& table, const OptTensor& bounds,
-                          double threshold, const at::Tensor& est, at::Tensor& table_c,
-                          at::Tensor& bounds_c) {
+                          double threshold, const OptTensor& dense, const at::Tensor& est,
+                          at::Tensor& table_c, at::Tensor& bounds_c, at::Tensor& dense_c) {
   EdgeWeights w;
   RLN_CHECK(table.has_value() == bounds.has_value(), "rln_fast.", op,
               ": 'weight_table' and 'weight_bounds' must be given together, got ",
               table.has_value() ? "only 'weight_table'" : "only 'weight_bounds'");
+  RLN_CHECK(!dense.has_value() || table.has_value(), "rln_fast.", op,
+            ": 'weight_dense' needs the 'weight_table' and 'weight_bounds' it was computed from");
   if (!table.has_value()) return w;
   const at::Tensor& t = *table;
   const at::Tensor& b = *bounds;
@@ -111,6 +114,16 @@ EdgeWeights check_weights(const char* op, const OptTensor& table, const OptTenso
   w.bounds = bounds_c.data_ptr<int64_t>();
   w.pz = t.size(0) - 1, w.py = t.size(1) - 1, w.px = t.size(2) - 1;
   w.threshold = threshold;
+  if (dense.has_value()) {
+    const at::Tensor& d = *dense;
+    RLN_CHECK(d.dim() == 3 && d.size(0) == est.size(2) && d.size(1) == est.size(3) &&
+                  d.size(2) == est.size(4),
+              "rln_fast.", op, ": 'weight_dense' must be (D, H, W) = (", est.size(2), ", ",
+              est.size(3), ", ", est.size(4), "), got ", shape_str(d));
+    check_same(op, "weight_dense", d, est, "estimate");
+    dense_c = d.contiguous();
+    w.dense = dense_c.data_ptr();
+  }
   return w;
 }
 
@@ -197,6 +210,32 @@ at::Tensor rl_ratio_forward(const at::Tensor& image, const at::Tensor& blurred, 
   return o;
 }
 
+// step <- the accelerated prediction from estimate and step (both [N, 1, D, H, W]), in place.
+void rl_predict_forward(const at::Tensor& estimate, const at::Tensor& step, double a, double tiny) {
+  const char* op = "rl_predict";
+  check_single(op, "estimate", estimate);
+  check_output(op, "step", step, estimate, "estimate");
+  check_no_overlap(op, "step", step, "estimate", estimate);
+  check_finite(op, "a", a);
+  check_positive(op, "tiny", tiny);
+  RLN_FAST_DEVICE_GUARD(estimate);
+  const at::Tensor ec = estimate.contiguous();
+  const int64_t n = ec.numel();
+  if (n == 0) return;
+  RLN_DISPATCH_FLOATING_TYPES(estimate.scalar_type(), "rln_fast.rl_predict", [&] {
+    if (estimate.is_cuda()) {
+#ifdef RLN_FAST_WITH_CUDA
+      check_launch(cuda::launch_rl_predict_forward(n, ec.data_ptr<scalar_t>(),
+                                                   step.data_ptr<scalar_t>(), a, tiny,
+                                                   at::cuda::getCurrentCUDAStream()),
+                   op);
+#endif
+    } else {
+      cpu::rl_predict_forward(n, ec.data_ptr<scalar_t>(), step.data_ptr<scalar_t>(), a, tiny);
+    }
+  });
+}
+
 // estimate, correction [N, 1, D, H, W] -> {new estimate (out, or a new tensor), dots [2] float64}.
 // tv_periodic: the TV neighbours wrap around (the FFT job is circular), else they are 0 outside.
 std::vector<at::Tensor> rl_update_forward(const at::Tensor& estimate, const at::Tensor& correction,
@@ -204,17 +243,17 @@ std::vector<at::Tensor> rl_update_forward(const at::Tensor& estimate, const at::
                                           const OptTensor& change, const OptTensor& weight_table,
                                           const OptTensor& weight_bounds, double weight_threshold,
                                           double tv, double tv_eps, double clamp_min,
-                                          bool tv_periodic) {
+                                          bool tv_periodic, const OptTensor& weight_dense) {
   const char* op = "rl_update";
   check_single(op, "estimate", estimate);
   check_like(op, "correction", correction, estimate, "estimate");
   check_tv(op, tv, tv_eps, clamp_min);
   check_update_outputs(op, estimate, out, previous, change, &correction);
   RLN_FAST_DEVICE_GUARD(estimate);
-  at::Tensor table_c, bounds_c;
+  at::Tensor table_c, bounds_c, dense_c;
   RlUpdateParams p;
-  p.weights = check_weights(op, weight_table, weight_bounds, weight_threshold, estimate, table_c,
-                            bounds_c);
+  p.weights = check_weights(op, weight_table, weight_bounds, weight_threshold, weight_dense,
+                            estimate, table_c, bounds_c, dense_c);
   p.N = estimate.size(0), p.D = estimate.size(2), p.H = estimate.size(3), p.W = estimate.size(4);
   p.tv = tv, p.tv_eps = tv_eps, p.clamp_min = clamp_min, p.tv_periodic = tv_periodic;
   const at::Tensor ec = estimate.contiguous();
@@ -315,7 +354,7 @@ std::vector<at::Tensor> psf_conv_update_forward(const at::Tensor& estimate, cons
                                                 const OptTensor& weight_table,
                                                 const OptTensor& weight_bounds,
                                                 double weight_threshold, double tv, double tv_eps,
-                                                double clamp_min) {
+                                                double clamp_min, const OptTensor& weight_dense) {
   const char* op = "psf_conv_update";
   check_single(op, "estimate", estimate);
   check_psf(op, psf, estimate);
@@ -326,10 +365,10 @@ std::vector<at::Tensor> psf_conv_update_forward(const at::Tensor& estimate, cons
   if (previous.has_value()) check_no_overlap(op, "previous", *previous, "ratio", ratio);
   if (change.has_value()) check_no_overlap(op, "change", *change, "ratio", ratio);
   RLN_FAST_DEVICE_GUARD(estimate);
-  at::Tensor table_c, bounds_c;
+  at::Tensor table_c, bounds_c, dense_c;
   RlUpdateParams p;
-  p.weights = check_weights(op, weight_table, weight_bounds, weight_threshold, estimate, table_c,
-                            bounds_c);
+  p.weights = check_weights(op, weight_table, weight_bounds, weight_threshold, weight_dense,
+                            estimate, table_c, bounds_c, dense_c);
   p.N = c.N, p.D = c.D, p.H = c.H, p.W = c.W;
   p.tv = tv, p.tv_eps = tv_eps, p.clamp_min = clamp_min;
   const at::Tensor ec = estimate.contiguous(), rc = ratio.contiguous(), kc = psf.contiguous();

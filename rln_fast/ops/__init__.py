@@ -9,14 +9,17 @@ from .rl_classic import (
     psf_conv_ratio,
     psf_conv_update,
     psf_conv_update_,
+    rl_predict_,
     rl_ratio,
     rl_ratio_,
     rl_update,
     rl_update_,
+    store_edge_weights,
 )
 from .rl_divide import rl_divide
 from .rl_multiply import rl_multiply
 
 __all__ = ["conv3d", "conv3d_rl_divide", "conv3d_rl_multiply", "rl_divide", "rl_multiply",
-           "rl_ratio", "rl_ratio_", "rl_update", "rl_update_", "psf_conv_ratio", "psf_conv_update",
-           "psf_conv_update_", "edge_weights", "EdgeWeights", "reference", "reference_rl"]
+           "rl_ratio", "rl_ratio_", "rl_predict_", "rl_update", "rl_update_", "psf_conv_ratio",
+           "psf_conv_update",
+           "psf_conv_update_", "edge_weights", "store_edge_weights", "EdgeWeights", "reference", "reference_rl"]

@@ -15,6 +15,7 @@ __all__ = [
     "edge_weight_volume",
     "tv_factor",
     "rl_ratio",
+    "rl_predict",
     "rl_update",
     "rl_update_biggs",
     "psf_conv_blur",
@@ -86,7 +87,7 @@ def rl_ratio(image: torch.Tensor, blurred: torch.Tensor, background: float = 0.0
 def _weights(weights, shape, like: torch.Tensor):
     if weights is None:
         return None
-    table, bounds, threshold = weights
+    table, bounds, threshold = weights[:3]  # EdgeWeights or a 3-tuple; w from the table
     return edge_weight_volume(table, bounds, threshold, shape).to(like.dtype)
 
 
@@ -98,6 +99,12 @@ def _update(estimate, correction, weights, tv, tv_eps, clamp_min, tv_periodic):
     if tv > 0:
         v = v * tv_factor(estimate, tv, tv_eps, tv_periodic)
     return torch.clamp_min(v, clamp_min)
+
+
+def rl_predict(estimate: torch.Tensor, step: torch.Tensor, a: float, tiny: float = 1e-30) -> torch.Tensor:
+    """The accelerated prediction max(x + a s, x (1 - a + a min(x / x_prev, 1))), x_prev = x - s,
+    in its closed form x + a s x / max(x_prev, x, tiny) (a new tensor)."""
+    return estimate + a * step * (estimate / torch.maximum(estimate - step, estimate).clamp_min(tiny))
 
 
 def rl_update(estimate: torch.Tensor, correction: torch.Tensor, weights=None, tv: float = 0.0,

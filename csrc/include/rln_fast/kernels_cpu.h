@@ -51,6 +51,11 @@ namespace cpu {
 template <typename T>
 void rl_ratio_forward(const RlRatioParams& p, const T* image, const T* blurred, T* out);
 
+// step[i] = predict_value(estimate[i], step[i], a, tiny) for the n voxels: the accelerated
+// prediction, written over the step.
+template <typename T>
+void rl_predict_forward(int64_t n, const T* estimate, T* step, double a, double tiny);
+
 // out [N, 1, D, H, W] = max(estimate * correction * w * tv_factor, clamp_min); out may be
 // correction itself. previous / change (or null): Biggs bookkeeping in place (see biggs_at);
 // dots[2] = {<g_k, g_k-1>, <g_k, g_k>} over the batch, zeros without change.

@@ -59,6 +59,9 @@ template <typename T>
 cudaError_t launch_rl_ratio_forward(const RlRatioParams& p, const T* image, const T* blurred, T* out,
                                     cudaStream_t s);
 template <typename T>
+cudaError_t launch_rl_predict_forward(int64_t n, const T* estimate, T* step, double a, double tiny,
+                                      cudaStream_t s);
+template <typename T>
 cudaError_t launch_rl_update_forward(const RlUpdateParams& p, const T* estimate, const T* correction,
                                      T* out, T* previous, T* change, double* dots,
                                      double* workspace, cudaStream_t s);

@@ -23,6 +23,9 @@ struct EdgeWeights {
   const int64_t* bounds = nullptr;  // [D + H + W, 2]: tap range [lo, hi) per z, then y, then x
   int64_t pz = 0, py = 0, px = 0;
   double threshold = 0.0;  // H^T 1_M <= threshold: the voxel sees too little of M; w = 0
+  // Optional: w itself per voxel of the work volume [D, H, W], in the volume's dtype (what the
+  // table gives there, cast), which the update reads instead of evaluating the box sums.
+  const void* dense = nullptr;
 };
 
 // Elementwise ratio and update of the FFT path. image [N, 1, d, h, w] lies in the corner
@@ -158,11 +161,26 @@ template <bool HasW, bool HasTv, typename T>
 RLN_HD T rl_update_at(const RlUpdateParams& p, const T* u, T c, int64_t n, int64_t z, int64_t y,
                       int64_t x) {
   const T* un = u + n * p.D * p.H * p.W;
-  const double w = HasW ? edge_weight_at(p.weights, p.D, p.H, z, y, x) : 1.0;
+  const double w = !HasW ? 1.0
+                   : p.weights.dense
+                       ? double(static_cast<const T*>(p.weights.dense)[(z * p.H + y) * p.W + x])
+                       : edge_weight_at(p.weights, p.D, p.H, z, y, x);
   const T f = HasTv ? tv_factor_at(un, p.D, p.H, p.W, z, y, x, T(p.tv), T(p.tv_eps * p.tv_eps),
                                    p.tv_periodic)
                     : T(1);
   return update_value<HasW, HasTv>(un[(z * p.H + y) * p.W + x], c, w, f, T(p.clamp_min));
+}
+
+// The accelerated prediction at one voxel from the estimate x = x_k and the last step
+// s = x_k - x_{k-1}: max(x + a s, x (1 - a + a min(x / x_{k-1}, 1))), which is
+// x + a s x / max(x_{k-1}, x) (rln_fast.rl._predict explains the floor); the divisor is kept
+// >= tiny.
+template <typename T>
+RLN_HD T predict_value(T x, T s, T a, T tiny) {
+  const T prev = x - s;
+  T d = prev > x ? prev : x;
+  if (d < tiny) d = tiny;
+  return x + a * s * (x / d);
 }
 
 // Biggs-Andrews bookkeeping at voxel i once the new estimate v is known, u being the estimate
