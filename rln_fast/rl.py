@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import numbers
 import warnings
@@ -156,8 +157,8 @@ def _prepare_psf(psf: Any, image_shape: tuple[int, ...], method: str, edges: str
         k = _crop_to_image(k, image_shape)
     k = k / float(k.sum())
     centre = np.array([n // 2 for n in k.shape], dtype=float)
-    grids = np.meshgrid(*[np.arange(n) for n in k.shape], indexing="ij")
-    com = np.array([(g * k).sum() for g in grids])
+    com = np.array([float(k.sum(axis=tuple(a for a in range(3) if a != axis)) @ np.arange(n))
+                    for axis, n in enumerate(k.shape)])
     if np.abs(com - centre).max() > _CENTRE_TOLERANCE:
         warnings.warn(
             f"psf is off-centre: its centre of mass is at {tuple(round(float(c), 2) for c in com)}, but RL takes "
@@ -235,16 +236,34 @@ def _reflect_pad(img: torch.Tensor, lo: list[int], hi: list[int]) -> torch.Tenso
 
 
 def _centro_symmetric(psf: np.ndarray) -> bool:
-    """psf(c + d) == psf(c - d) about its centre voxel (to 1e-6 of the peak): its OTF is real."""
+    """psf(c + d) == psf(c - d) about its centre voxel (to 1e-6 of the peak): its OTF is real.
+    Compared plane against mirrored plane: no temporaries the size of the PSF."""
     if any(n % 2 == 0 for n in psf.shape):
         return False
-    return float(np.abs(psf - psf[::-1, ::-1, ::-1]).max()) <= 1e-6 * float(psf.max())
+    tol = 1e-6 * float(psf.max())
+    last = psf.shape[0] - 1
+    return all(float(np.abs(psf[z] - psf[last - z, ::-1, ::-1]).max()) <= tol
+               for z in range(psf.shape[0] // 2 + 1))
+
+
+def _wrapped(psf: np.ndarray, shape: tuple[int, ...], scale: float, device: torch.device) -> torch.Tensor:
+    """scale * psf embedded in a zero float32 volume of `shape` with its centre voxel at 0 and
+    the rest wrapped around (torch.roll of the embedded PSF, without a pass over the volume)."""
+    k = torch.zeros(shape, dtype=torch.float32, device=device)
+    src = torch.as_tensor(psf * scale, dtype=torch.float32, device=device)
+    # Per axis: taps c.. of the PSF go to 0.., taps ..c to the end of the axis.
+    parts = [[(slice(c, p), slice(0, p - c)), (slice(0, c), slice(n - c, n))]
+             for p, n, c in ((p, n, p // 2) for p, n in zip(psf.shape, shape, strict=True))]
+    for (sz, dz), (sy, dy), (sx, dx) in itertools.product(*parts):
+        k[dz, dy, dx] = src[sz, sy, sx]
+    return k
 
 
 def _otf(psf: np.ndarray, shape: tuple[int, ...], device: torch.device,
-         scale: float = 1.0) -> torch.Tensor:
+         scale: float = 1.0, r2c: Callable | None = None) -> torch.Tensor:
     """rfftn of the PSF embedded in a zero volume of `shape` with its centre rolled to voxel 0,
-    times `scale` (the CPU path folds the inverse FFT's 1 / N into it).
+    times `scale` (the CPU path folds the inverse FFT's 1 / N into it); r2c(real, spectrum):
+    the job's own transform instead of torch.fft.rfftn (CPU only).
 
     A centro-symmetric PSF (Gaussian, Born–Wolf, ...) has a real OTF, and Hᵀ multiplies by it
     too, with no conjugate. Off the CPU only its real part is kept (float32, half the memory and
@@ -257,15 +276,14 @@ def _otf(psf: np.ndarray, shape: tuple[int, ...], device: torch.device,
     if hit is not None:
         _OTF_CACHE.move_to_end(key)
         return hit
-    k = torch.zeros(shape, dtype=torch.float32, device=device)
-    k[: psf.shape[0], : psf.shape[1], : psf.shape[2]] = torch.as_tensor(psf, dtype=torch.float32)
-    k = torch.roll(k, [-(n // 2) for n in psf.shape], dims=(0, 1, 2))
-    otf = torch.fft.rfftn(k)
+    k = _wrapped(psf, shape, scale, device)
+    if r2c is not None:
+        otf = r2c(k, torch.empty((*shape[:2], shape[2] // 2 + 1), dtype=torch.complex64))
+    else:
+        otf = torch.fft.rfftn(k)
     del k
-    if _centro_symmetric(psf) and torch.device(device).type != "cpu":
+    if torch.device(device).type != "cpu" and _centro_symmetric(psf):
         otf = otf.real.contiguous()
-    if scale != 1.0:
-        otf.mul_(scale)
     nbytes = otf.numel() * otf.element_size()
     if nbytes <= _OTF_CACHE_BYTES:
         _OTF_CACHE[key] = otf
@@ -498,13 +516,23 @@ class _FFTJob(_Job):
         # Bertero job leaves planes out of the image (its box starts at the origin).
         depth = m[0] if edges == "bertero" else self.shape[0]
         self._plans = _cpu_fft(self.shape, depth) if img.device.type == "cpu" else None
+        # The planes of a work volume the ratio is written in: the others are read by nothing
+        # (DFTI's box transforms skip them), so that its zeros are written there only.
+        self._ratio_depth = self.shape[0]
         if self._plans is None:
             self.otf = _otf(psf, self.shape, img.device)
         else:
-            self.otf = _otf(psf, self.shape, img.device, scale=1.0 / math.prod(self.shape))
+            self.otf = _otf(psf, self.shape, img.device, scale=1.0 / math.prod(self.shape),
+                            r2c=self._plans.r2c)
             half = (*self.shape[:2], self.shape[2] // 2 + 1)
             self._spec = torch.empty(half, dtype=torch.complex64)
             self._real = torch.empty((1, 1, *self.shape), dtype=torch.float32)
+            self._ratio_depth = depth
+        if self.weights is not None and img.device.type == "cpu":
+            # On the CPU w is stored once (one real volume) rather than evaluated per voxel in
+            # every update, which with a large PSF is most of the update's time; GPU kernels
+            # evaluate it at no cost next to their memory traffic.
+            self.weights = ops.store_edge_weights(self.weights, self.image5.new_empty((1, 1, *self.shape)))
 
     def recycle(self, t: torch.Tensor) -> None:
         if self._plans is not None:  # torch.fft allocates its outputs: nothing to reuse
@@ -538,11 +566,15 @@ class _FFTJob(_Job):
         return fft.c2r_box(spec, out) if read_inside else fft.c2r(spec, out)
 
     def initial(self, level: float) -> torch.Tensor:
-        x = torch.full((1, 1, *self.shape), level, dtype=torch.float32, device=self.image.device)
         if self.weights is None:
-            return x
+            return torch.full((1, 1, *self.shape), level, dtype=torch.float32, device=self.image.device)
         # level * (H^T 1_M) * w: level where the voxel is estimated (w > 0), 0 where it is not,
-        # so that Biggs' first change does not count the voxels the first update zeroes.
+        # so that Biggs' first change does not count the voxels the first update zeroes. With w
+        # stored that is level where w > 0 (H^T 1_M w = 1 there, to rounding).
+        if self.weights.dense is not None:
+            x = torch.zeros((1, 1, *self.shape), dtype=torch.float32, device=self.image.device)
+            return x.masked_fill_(self.weights.dense > 0, level)
+        x = torch.full((1, 1, *self.shape), level, dtype=torch.float32, device=self.image.device)
         mask = torch.zeros_like(x)
         m = self.image.shape
         mask[0, 0, : m[0], : m[1], : m[2]] = 1.0
@@ -556,7 +588,8 @@ class _FFTJob(_Job):
         # outside the box; correction = H^T ratio.
         scratch = self._real if self._plans is not None else None
         blurred = self._convolve(y, False, scratch, read_inside=True)
-        ratio = ops.rl_ratio_(blurred, self.image5, self.bg, self.eps)
+        ratio = blurred
+        ops.rl_ratio_(blurred[:, :, : self._ratio_depth], self.image5, self.bg, self.eps)
         del blurred
         corr = self._convolve(ratio, True, self._take_spare(y) if self._plans is not None else None,
                               zero_outside=True)
@@ -691,10 +724,12 @@ def richardson_lucy(
         float32 deconvolved image (z, y, x), not clipped or rescaled.
 
     Memory (FFT path, V = work-volume voxels): the estimate and the OTF (~V complex/2), with
-    acceleration also the step and one scratch volume (Biggs: and the change); transiently
+    acceleration also the step (Biggs: and the change); transiently
     one spectrum and one real volume per FFT.
-    Bertero weights are computed per voxel from the PSF's summed-volume table, never stored;
-    the image is used in place when it is float32 on the compute device.
+    Bertero weights: on the GPU computed per voxel from the PSF's summed-volume table, never
+    stored; on the CPU stored once per job (one real volume more, which saves most of each
+    update's time with a large PSF). The image is used in place when it is float32 on the
+    compute device.
     """
     _check_args(num_iter, method, acceleration, tv, background, edges, callback, rtol)
     if tile is not None or memory_budget is not None:
@@ -731,18 +766,15 @@ def richardson_lucy(
         return _to_kind(x, kind, out_device)
 
 
-def _predict(x: torch.Tensor, step: torch.Tensor, a: float, scratch: torch.Tensor) -> torch.Tensor:
+def _predict(x: torch.Tensor, step: torch.Tensor, a: float) -> torch.Tensor:
     """The accelerated prediction max(x + a step, x (1 - a + a min(x / x_prev, 1))), formed in
     step's buffer; x_prev = x - step. The floor keeps a shrinking voxel from being extrapolated
     to 0 (where multiplicative RL would keep it): at a = 1 it is the geometric step x² / x_prev.
 
     Where step >= 0 the first term wins; where step < 0 the floor exceeds it by
-    a (x - x_prev)² / x_prev, so both cases are x + a step x / max(x_prev, x): five passes over
-    the volume instead of nine."""
-    torch.sub(x, step, out=scratch)
-    torch.maximum(scratch, x, out=scratch).clamp_min_(_TINY)
-    torch.div(x, scratch, out=scratch)
-    return torch.addcmul(x, step, scratch, value=a, out=step)
+    a (x - x_prev)² / x_prev, so both cases are x + a step x / max(x_prev, x): one fused pass
+    (ops.rl_predict_) instead of nine."""
+    return ops.rl_predict_(step, x, a, _TINY)
 
 
 def _solve(job: _Job, level: float, m: tuple[int, ...], num_iter: int, acceleration, callback,
@@ -750,7 +782,7 @@ def _solve(job: _Job, level: float, m: tuple[int, ...], num_iter: int, accelerat
     x = job.initial(level)
     accelerated = acceleration not in (None, "none")
     biggs = acceleration == "biggs"
-    step = change = scratch = None
+    step = change = None
     alpha, prev_self = 0.0, 0.0
     bar = _progress_bar(num_iter, progress)
     try:
@@ -759,10 +791,9 @@ def _solve(job: _Job, level: float, m: tuple[int, ...], num_iter: int, accelerat
                 if step is None:
                     y = x.clone()
                     change = torch.zeros_like(x) if biggs else None
-                    scratch = torch.empty_like(x)
                 else:
                     a = alpha if biggs else (i - 2) / (i + 1)  # shb: (k - 1) / (k + 2), k = i - 1
-                    y = _predict(x, step, a, scratch)
+                    y = _predict(x, step, a)
                 new, dots = job.update_(y, x, change)
                 # x now holds new - x_k: the next step.
                 step, x = x, new

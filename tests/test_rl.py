@@ -211,14 +211,19 @@ def test_tv_smooths_noise():
 
 
 def test_prediction_never_extrapolates_a_shrinking_voxel_to_zero():
+    from rln_fast.ops import reference_rl
     from rln_fast.rl import _predict
 
-    x = torch.tensor([1.0, 4.0, 2.0, 0.0])
-    prev = torch.tensor([4.0, 2.0, 2.0, 3.0])  # shrinking 4x, growing, flat, already 0
+    x = torch.tensor([1.0, 4.0, 2.0, 0.0]).view(1, 1, 1, 1, 4)
+    prev = torch.tensor([4.0, 2.0, 2.0, 3.0]).view(1, 1, 1, 1, 4)  # shrinking 4x, growing, flat, 0
     for a in (1.0, 0.6):
-        y = _predict(x, x - prev, a, torch.empty(4))
+        step = x - prev
+        want = reference_rl.rl_predict(x, step, a)
+        y = _predict(x, step, a)  # the fused op, over step's buffer
+        assert y.data_ptr() == step.data_ptr()
         # the straight line: 1 + a (1 - 4) <= 0 for a >= 1/3; the floor: 1 - a + a / 4
-        np.testing.assert_allclose(y.numpy(), [1 - a + a / 4, 4 + 2 * a, 2, 0], rtol=1e-6)
+        np.testing.assert_allclose(y.flatten().numpy(), [1 - a + a / 4, 4 + 2 * a, 2, 0], rtol=1e-6)
+        np.testing.assert_allclose(y.numpy(), want.numpy(), rtol=1e-6)
 
 
 @pytest.mark.parametrize("acceleration,n", [("shb", 11), ("biggs", 10)])
@@ -554,6 +559,20 @@ def test_symmetric_and_asymmetric_psfs_take_their_otf_paths():
         a = rl(img, k, 8, acceleration=None)
         b = rl(img, k, 8, acceleration=None, method="direct")
         assert np.abs(a - b).max() <= 1e-4 * a.max()
+
+
+@pytest.mark.parametrize("psf_shape,shape", [((3, 5, 5), (8, 8, 8)), ((4, 6, 3), (7, 9, 10)),
+                                             ((7, 9, 9), (7, 9, 9)), ((1, 1, 1), (2, 3, 4))])
+def test_the_otf_embeds_the_psf_as_a_roll_of_it(psf_shape, shape):
+    # _wrapped places the PSF's quadrants directly; it must equal the embedded PSF rolled
+    # (centre voxel p // 2 to 0), for odd and even sides and a PSF as large as the job.
+    from rln_fast import rl as rl_mod
+
+    k = np.random.default_rng(3).random(psf_shape)
+    embedded = torch.zeros(shape, dtype=torch.float32)
+    embedded[: psf_shape[0], : psf_shape[1], : psf_shape[2]] = torch.as_tensor(k * 0.5, dtype=torch.float32)
+    want = torch.roll(embedded, [-(p // 2) for p in psf_shape], dims=(0, 1, 2))
+    assert torch.equal(rl_mod._wrapped(k, shape, 0.5, torch.device("cpu")), want)
 
 
 # CPU FFTs through MKL's DFTI --------------------------------------------------------------
