@@ -504,7 +504,10 @@ def _imagej_voxel_size(tif: Any) -> tuple[float, float, float] | None:
 
 
 class _ContiguousReader:
-    """Box reads of an uncompressed, contiguous array in a file with positioned reads.
+    """Box reads of an uncompressed array in a file with positioned reads: one contiguous
+    block from ``offset``, or (``planes``) one contiguous (y, x) plane per entry, at those byte
+    offsets, in the order of the leading axes (a multi-page TIFF whose pages are uncompressed
+    planes with their tags in between).
 
     A memory map would do the same, but every page it touches stays in the process's
     resident set until unmapped: streaming a 4 GB file through a map shows 4 GB of RSS. Here
@@ -512,9 +515,11 @@ class _ContiguousReader:
     builds: 0 for the squeezed singleton axes, a step-1 slice for each of z, y, x.
     """
 
-    def __init__(self, path: Path, offset: int, shape: tuple[int, ...], dtype: Any) -> None:
+    def __init__(self, path: Path, offset: int, shape: tuple[int, ...], dtype: Any,
+                 planes: Sequence[int] | None = None) -> None:
         self.path, self.offset = path, offset
         self.shape, self.dtype = shape, np.dtype(dtype)
+        self.planes = planes
         self._fd: int | None = None
 
     def __getitem__(self, key: tuple) -> np.ndarray:
@@ -533,8 +538,13 @@ class _ContiguousReader:
             self._fd = os.open(self.path, os.O_RDONLY)
         out = np.empty((max(z1 - z0, 0), max(y1 - y0, 0), max(x1 - x0, 0)), self.dtype)
         rows = max(y1 - y0, 0)
+        plane = self.shape[-1] * self.shape[-2]
         for i, z in enumerate(range(z0, z1)):
-            start = self.offset + (base + z * int(strides[dims[0]]) + y0 * nx) * size
+            at = base + z * int(strides[dims[0]])  # the plane's first element
+            if self.planes is None:
+                start = self.offset + (at + y0 * nx) * size
+            else:
+                start = self.planes[at // plane] + y0 * nx * size
             want = rows * nx * size
             buf = os.pread(self._fd, want, start)
             if len(buf) != want:
@@ -546,6 +556,32 @@ class _ContiguousReader:
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)
+
+
+def _plane_offsets(series: Any, shape: tuple[int, ...]) -> list[int] | None:
+    """The byte offset of each (y, x) plane when every page of the series is one: uncompressed,
+    in strips stored back to back, one sample per pixel of the series' dtype (deconwolf's and
+    many acquisition programs' multi-page TIFFs); else None (zarr reads it)."""
+    if len(shape) < 2:
+        return None
+    dtype = np.dtype(series.dtype)
+    out = []
+    try:
+        pages = list(series.pages)
+        if len(pages) != math.prod(shape[:-2]):
+            return None
+        plane = shape[-2] * shape[-1] * dtype.itemsize
+        for page in pages:
+            kf = page.keyframe  # the page whose tags a frame shares (a page's is itself)
+            if (kf.compression != 1 or kf.is_tiled or kf.samplesperpixel != 1
+                    or tuple(kf.shape) != tuple(shape[-2:]) or np.dtype(kf.dtype) != dtype
+                    or kf.bitspersample != 8 * dtype.itemsize or not page.is_contiguous
+                    or not page.dataoffsets or sum(page.databytecounts) != plane):
+                return None
+            out.append(int(page.dataoffsets[0]))
+    except Exception:  # noqa: BLE001 - anything unusual (frames, damaged tags): the general reader
+        return None
+    return out
 
 
 def _truncated(path: Path, what: str) -> ImageIOError:
@@ -622,6 +658,11 @@ def _open_tiff_quietly(path: Path, tifffile: Any, stack: bool) -> dict:
             data = _ContiguousReader(path, int(series.dataoffset), shape, dtype)
             tif.close()
             closers: list[Any] = [data]
+        elif (planes := _plane_offsets(series, shape)) is not None:
+            dtype = np.dtype(series.dtype).newbyteorder(tif.byteorder)
+            data = _ContiguousReader(path, 0, shape, dtype, planes=planes)
+            tif.close()
+            closers = [data]
         else:
             zarr = _import_zarr(path, "to read this compressed or tiled TIFF")
 

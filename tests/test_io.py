@@ -540,10 +540,49 @@ def test_open_volume_big_endian_contiguous(tmp_path):
         _check_boxes(vol, a)
 
 
-@pytest.mark.parametrize("kwargs", [{"compression": "zlib"}, {"tile": (16, 16)}])
+@pytest.mark.parametrize("dtype,byteorder", [("uint16", "<"), ("float32", ">")])
+def test_open_volume_page_per_plane(tmp_path, dtype, byteorder):
+    # Each plane its own uncompressed page with its tags in between (as deconwolf and many
+    # acquisition programs write): read plane by plane with positioned reads, without zarr.
+    a = _volume(dtype, (5, 21, 19))
+    with tifffile.TiffWriter(tmp_path / "p.tif", byteorder=byteorder) as tw:
+        for plane in a:
+            tw.write(plane, contiguous=False, metadata=None)
+    with io.open_volume(tmp_path / "p.tif") as vol:
+        reader = vol._src["data"]
+        assert isinstance(reader, io._ContiguousReader) and len(reader.planes) == 5
+        assert vol.shape == a.shape and vol.dtype == np.dtype(dtype)
+        _check_boxes(vol, a)
+    np.testing.assert_array_equal(io.read(tmp_path / "p.tif")[0], a)
+
+
+def test_page_per_plane_truncated_is_an_error(tmp_path):
+    a = _volume("uint16", (4, 20, 23))
+    with tifffile.TiffWriter(tmp_path / "p.tif") as tw:
+        for plane in a:
+            tw.write(plane, contiguous=False, metadata=None)
+    with io.open_volume(tmp_path / "p.tif") as vol:
+        planes = vol._src["data"].planes
+    reader = io._ContiguousReader(tmp_path / "p.tif", 0, (5, 20, 23), np.uint16,
+                                  planes=[*planes, os.path.getsize(tmp_path / "p.tif") - 100])
+    try:
+        np.testing.assert_array_equal(reader[1:4, 3:20, 2:23], a[1:4, 3:20, 2:23])
+        with pytest.raises(io.ImageIOError, match="ends early"):
+            reader[0:5, 0:20, 0:23]
+    finally:
+        reader.close()
+
+
+@pytest.mark.parametrize("kwargs", [{"compression": "zlib"}, {"tile": (16, 16)},
+                                    {"compression": "zlib", "pages": True}])
 def test_open_volume_aszarr(tmp_path, kwargs):
     a = _volume("float32", (5, 40, 37))
-    tifffile.imwrite(tmp_path / "c.tif", a, photometric="minisblack", **kwargs)
+    if kwargs.pop("pages", False):  # compressed planes as pages of their own
+        with tifffile.TiffWriter(tmp_path / "c.tif") as tw:
+            for plane in a:
+                tw.write(plane, contiguous=False, metadata=None, **kwargs)
+    else:
+        tifffile.imwrite(tmp_path / "c.tif", a, photometric="minisblack", **kwargs)
     with io.open_volume(tmp_path / "c.tif") as vol:
         assert isinstance(vol._src["data"], zarr.Array)  # decoded through tifffile.aszarr
         _check_boxes(vol, a)
