@@ -1018,5 +1018,36 @@ def rln_cmd(input_path: Path, output: Path, **kw: Any) -> None:
     _deconvolve("rln", input_path, output, "rln", **kw)
 
 
+def entry() -> None:
+    """The ``rln-fast`` executable: main(), then a quick exit. By then every output is written
+    and closed; what is left is Python tearing down torch's thousand modules one by one, about
+    0.2 s of a 2.5 s RL run on 2 cores. The exit handlers (atexit) still run and the streams are
+    flushed; the teardown is skipped unless a non-daemon thread is still running, which the
+    normal exit waits for."""
+    import atexit  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+
+    try:
+        main()
+        code: Any = 0
+    except SystemExit as e:
+        code = e.code
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate()
+           if t is not threading.main_thread()):
+        sys.exit(code)
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):  # sys.exit("message"): printed, status 1, as Python does
+        print(code, file=sys.stderr)
+        code = 1
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be said
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    main()
+    entry()

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from rln_fast import tiling
-from rln_fast.models.rln import RLN, FusedRLN
+
+if TYPE_CHECKING:
+    from rln_fast.models.rln import RLN, FusedRLN
 
 __all__ = ["check_dtype", "rln_deconvolve"]
 
@@ -98,6 +100,9 @@ def _denormalize(y: torch.Tensor, mi: float, ma: float) -> torch.Tensor:
 
 
 def _resolve_model(model: Any, device: torch.device) -> FusedRLN:
+    # The models module is imported here, not with this one: RL runs (the CLI, distributed)
+    # share check_dtype and never load a network.
+    from rln_fast.models.rln import RLN, FusedRLN  # noqa: PLC0415
     if model is None:
         model = RLN.from_pretrained()
     if isinstance(model, (str, os.PathLike)):

@@ -51,10 +51,11 @@ def test_demo_errors_are_one_line(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- --help stays light
 
 _NO_TORCH = """
-import runpy, sys
+import sys
 sys.argv = ["rln-fast", *sys.argv[1:]]
 try:
-    runpy.run_module("rln_fast.cli", run_name="__main__")
+    from rln_fast.cli import main  # what the executable (cli.entry) runs
+    main()
 except SystemExit as e:
     assert e.code in (0, None), e.code
 heavy = sorted(m for m in ("torch", "numpy", "scipy", "tifffile", "tqdm") if m in sys.modules)
@@ -70,6 +71,29 @@ def test_help_does_not_import_torch(args):
     assert r.returncode == 0, r.stderr
     assert "Usage: rln-fast" in r.stdout
     assert r.stdout.strip().splitlines()[-1] == "HEAVY []"
+
+
+_ENTRY = """
+import atexit, sys
+atexit.register(lambda: print("exit handler ran"))
+sys.argv = ["rln-fast", *sys.argv[1:]]
+from rln_fast.cli import entry
+print("before", flush=False)
+entry()
+"""
+
+
+@pytest.mark.parametrize("args,code", [(["--help"], 0), (["deconvolve", "missing.tif", "o.tif"], 1),
+                                       (["nope"], 2)])
+def test_executable_exits_quickly_with_the_status_and_everything_said(args, code):
+    # cli.entry skips Python's module teardown (os._exit) after running the exit handlers and
+    # flushing: the status, stdout (buffered, in a pipe), stderr and atexit must all survive.
+    r = subprocess.run([sys.executable, "-c", _ENTRY, *args], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == code, r.stderr
+    assert r.stdout.startswith("before") and r.stdout.rstrip().endswith("exit handler ran")
+    if code == 1:
+        assert r.stderr.strip() == "rln-fast deconvolve: input missing.tif does not exist; check the path"
 
 
 def test_lazy_train_command_is_listed_and_built_on_use():
