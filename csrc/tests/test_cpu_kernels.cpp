@@ -1,4 +1,5 @@
 // C++ unit tests of the torch-free CPU kernels against the per-voxel functions they share with CUDA.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -174,6 +175,79 @@ void test_rl_ops(double tol, std::mt19937& rng) {
     check(err < tol, std::string("rl_multiply ") + (paper ? "paper" : "exact"));
   }
 }
+// Per work coordinate, the PSF taps [lo, hi) whose H^T footprint lands in [start, start + size)
+// of a circular job of `length` (rln_fast.ops.rl_classic._tap_bounds).
+void tap_bounds(int64_t length, int64_t taps, int64_t start, int64_t size, std::vector<int64_t>& b) {
+  for (int64_t p = 0; p < length; ++p) {
+    int64_t lo = taps, hi = 0;
+    for (int64_t q = 0; q < taps; ++q) {
+      const int64_t at = ((p + q - taps / 2) % length + length) % length;
+      if (at >= start && at < start + size) lo = std::min(lo, q), hi = std::max(hi, q + 1);
+    }
+    b.push_back(lo < hi ? lo : 0);
+    b.push_back(lo < hi ? hi : 0);
+  }
+}
+
+// The update with Bertero weights stored per voxel (what edge_weight_at gives, cast) equals the
+// update that evaluates them, bit for bit, with and without TV and the Biggs bookkeeping; the
+// fused prediction equals its formula.
+template <typename T>
+void test_rl_classic(std::mt19937& rng) {
+  const int64_t pz = 3, py = 4, px = 5, N = 2, D = 7, H = 9, W = 13, d = 4, h = 5, w = 8;
+  auto psf = random_vec<double>(pz * py * px, rng, 0.1, 1.0);
+  std::vector<double> table((pz + 1) * (py + 1) * (px + 1), 0.0);
+  for (int64_t a = 1; a <= pz; ++a)
+    for (int64_t b = 1; b <= py; ++b)
+      for (int64_t c = 1; c <= px; ++c)
+        table[(a * (py + 1) + b) * (px + 1) + c] =
+            psf[((a - 1) * py + b - 1) * px + c - 1] + table[((a - 1) * (py + 1) + b) * (px + 1) + c] +
+            table[(a * (py + 1) + b - 1) * (px + 1) + c] + table[(a * (py + 1) + b) * (px + 1) + c - 1] -
+            table[((a - 1) * (py + 1) + b - 1) * (px + 1) + c] -
+            table[((a - 1) * (py + 1) + b) * (px + 1) + c - 1] -
+            table[(a * (py + 1) + b - 1) * (px + 1) + c - 1] +
+            table[((a - 1) * (py + 1) + b - 1) * (px + 1) + c - 1];
+  std::vector<int64_t> bounds;
+  tap_bounds(D, pz, 0, d, bounds);
+  tap_bounds(H, py, 0, h, bounds);
+  tap_bounds(W, px, 0, w, bounds);
+  RlUpdateParams p;
+  p.N = N, p.D = D, p.H = H, p.W = W, p.tv_periodic = true;
+  p.weights.table = table.data(), p.weights.bounds = bounds.data();
+  p.weights.pz = pz, p.weights.py = py, p.weights.px = px, p.weights.threshold = 0.05;
+  std::vector<T> dense(D * H * W);
+  for (int64_t z = 0; z < D; ++z)
+    for (int64_t y = 0; y < H; ++y)
+      for (int64_t x = 0; x < W; ++x)
+        dense[(z * H + y) * W + x] = T(edge_weight_at(p.weights, D, H, z, y, x));
+  const int64_t n = N * D * H * W;
+  auto est = random_vec<T>(n, rng, T(0.1), T(2)), corr = random_vec<T>(n, rng, T(0.1), T(2));
+  for (double tv : {0.0, 0.02}) {
+    p.tv = tv;
+    std::vector<T> out[2], prev[2], change[2];
+    double dots[2][2];
+    for (int k = 0; k < 2; ++k) {
+      p.weights.dense = k ? dense.data() : nullptr;
+      out[k].resize(n), prev[k] = est, change[k] = corr;
+      for (auto& v : prev[k]) v *= T(0.5);
+      cpu::rl_update_forward(p, est.data(), corr.data(), out[k].data(), prev[k].data(),
+                             change[k].data(), dots[k]);
+    }
+    check(out[0] == out[1] && prev[0] == prev[1] && change[0] == change[1] &&
+              dots[0][0] == dots[1][0] && dots[0][1] == dots[1][1],
+          "rl_update with stored weights, tv " + std::to_string(tv));
+  }
+  auto step = random_vec<T>(n, rng, T(-1), T(1));
+  std::vector<T> pred = step;
+  cpu::rl_predict_forward(n, est.data(), pred.data(), 0.7, 1e-30);
+  double err = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double x = est[i], s = step[i], want = x + 0.7 * s * x / std::max(x - s, x);
+    err = std::max(err, std::fabs(pred[i] - want) / std::fabs(want));
+  }
+  check(err < (sizeof(T) == 4 ? 1e-6 : 1e-14), "rl_predict");
+}
+
 // The host-side plan of the CUDA forward: the channels per launch are the most that fit.
 void test_cin_per_launch() {
   for (size_t elem : {size_t(4), size_t(8)})
@@ -209,6 +283,8 @@ int main() {
   }
   test_rl_ops<double>(1e-12, rng);
   test_rl_ops<float>(1e-5, rng);
+  test_rl_classic<double>(rng);
+  test_rl_classic<float>(rng);
   test_cin_per_launch();
   std::printf("%d passed, %d failed\n", g_passed, g_failed);
   return g_failed == 0 ? 0 : 1;
