@@ -34,6 +34,10 @@ RLN_BYTES_PER_VOXEL = 256
 # (Biggs, 9x15x15 PSF, jobs of ~3M voxels): 55 B/voxel above what the run holds between
 # blocks with RSS sampled every 5 ms over a few blocks, 77 B/voxel at the peak of a whole
 # run (benchmarks/bench_memory.py, 25 blocks, the budget's rule at 56 B giving 1.27x).
+# Since the CPU job stores its Bertero weights (one volume more) but no longer convolves for its
+# start or keeps a prediction scratch volume (two fewer), the 96x384x384 run of bench_memory
+# peaks at 0.42x its budget (benchmarks/results/bench_memory_quiet_96x384x384_rl.json), against
+# 0.83x before: the rule stays, with that margin.
 RL_BYTES_PER_VOXEL = 80
 # What a file run holds besides its tiles, once, on the host: the first call of the kernels
 # (through the custom ops, torch.library imported ~800 modules: 81 MiB measured; eager calls
