@@ -37,15 +37,16 @@ with torch.no_grad():
 torch.cuda.synchronize()
 print("sanitize case (fused) ran")
 
-# Classic RL (rl_ratio, rl_update with its block dot products, psf_conv_ratio/update): the FFT
-# and direct paths, each edge mode, TV, background, Biggs acceleration, float32 and float64.
+# Classic RL (rl_ratio, rl_update with its block dot products and stored weights, rl_predict,
+# psf_conv_ratio/update): the FFT and direct paths, each edge mode, TV, background, Biggs and
+# SHB acceleration, float32 and float64.
 
 psf = gaussian((5, 7, 7), sigma=(1.5, 1.0, 1.0))
 for dtype in (torch.float32, torch.float64):
     img = torch.rand(9, 13, 37, device="cuda", dtype=dtype) + 0.2
     for method, edges in (("fft", "periodic"), ("fft", "bertero"), ("fft", "reflect"),
                           ("direct", "bertero"), ("direct", "reflect")):
-        for tv, bg, acc in ((0.0, 0.0, None), (0.01, 0.05, "biggs")):
+        for tv, bg, acc in ((0.0, 0.0, None), (0.01, 0.05, "biggs"), (0.0, 0.05, "shb")):
             richardson_lucy(img, psf, 3, method=method, edges=edges, tv=tv, background=bg,
                             acceleration=acc, progress=False)
 # The classic RL ops themselves in float64 too (richardson_lucy computes in float32), with
@@ -61,6 +62,9 @@ for dtype in (torch.float32, torch.float64):
     ops.rl_update(work, ratio, None, tv=0.01, tv_periodic=False)
     prev, change = torch.zeros_like(work), torch.zeros_like(work)
     ops.rl_update_(ratio.clone(), work, weights, 0.01, previous=prev, change=change)
+    stored = ops.store_edge_weights(weights, work)  # w read per voxel instead of evaluated
+    ops.rl_update_(ratio.clone(), work, stored, 0.01, previous=prev, change=change)
+    ops.rl_predict_(work - ratio, work, 0.6)
     est = torch.rand(2, 1, 11, 15, 39, **kw) + 0.1
     r = ops.psf_conv_ratio(image, est, k, 0.05)
     wd = ops.edge_weights(psf, (11, 15, 39), (7, 9, 33), (2, 3, 3), circular=False, device="cuda")
