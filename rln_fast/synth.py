@@ -42,12 +42,14 @@ import torch
 
 __all__ = [
     "FAMILIES", "RECIPES", "phantom_params", "phantom", "phantom_pair", "simulate_input", "write_pairs",
-    "microscopy_object", "microscopy_pair",
+    "microscopy_object", "microscopy_pair", "sparse_object",
 ]
 
 # "official": the recipe above. "microscopy": microscopy_pair (cells, nuclei, filaments, haze,
 # uneven background, camera). "mixed": even seeds official, odd seeds microscopy.
-RECIPES = ("official", "microscopy", "mixed")
+# "mixed_sparse": seed % 3 == 0 official, 1 microscopy, 2 sparse (sparse_object: a few beads
+# and bars smaller than or near the PSF on a dark background, the camera of microscopy_pair).
+RECIPES = ("official", "microscopy", "mixed", "mixed_sparse")
 
 # (family, count) in drawing and rasterising order.
 FAMILIES: tuple[tuple[str, int], ...] = (
@@ -395,7 +397,9 @@ def phantom_pair(
     """One training pair (gt, raw), both float32 numpy (z, y, x) of ``shape``.
 
     recipe: "official" (default, described here), "microscopy" (``microscopy_pair``; scale
-    and read_noise are then ignored) or "mixed" (official for even seeds, microscopy for odd).
+    and read_noise are then ignored), "mixed" (official for even seeds, microscopy for odd)
+    or "mixed_sparse" (by seed % 3: official, microscopy, ``microscopy_pair(...,
+    kind="sparse")``).
 
     gt: ``phantom(shape, seed)`` blurred by the 5³ Gaussian (σ 0.7 voxel, sum 1, zero
     padding), computed in float64 on ``device``. raw: ``simulate_input(gt, psf, seed)``,
@@ -406,8 +410,11 @@ def phantom_pair(
         raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
     shape_t = _check_shape(shape)
     seed = _check_seed(seed)
-    if recipe == "microscopy" or (recipe == "mixed" and seed % 2 == 1):
+    if recipe == "microscopy" or (recipe == "mixed" and seed % 2 == 1) or (
+            recipe == "mixed_sparse" and seed % 3 == 1):
         return microscopy_pair(psf, shape_t, seed, device)
+    if recipe == "mixed_sparse" and seed % 3 == 2:
+        return microscopy_pair(psf, shape_t, seed, device, kind="sparse")
     psf_arr = _as_psf(psf)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     gt = _blur(torch.from_numpy(phantom(shape_t, seed)).to(device=dev, dtype=torch.float64))
@@ -594,15 +601,76 @@ def microscopy_object(shape: Sequence[int], seed: int = 0) -> tuple[np.ndarray, 
     return obj.astype(np.float32), background.astype(np.float32)
 
 
+SPARSE_BEADS = (1, 40)  # beads per volume, inclusive
+SPARSE_BEAD_SIGMA = (0.35, 1.2)  # lateral σ of a bead, voxels (axial: 0.45 of it)
+SPARSE_BARS = (0, 8)  # straight bars per volume, inclusive
+SPARSE_BACKGROUND = (0.0, 0.05)  # mean of the uneven background, fraction of the peak
+
+
+def sparse_object(shape: Sequence[int], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(object, background) like ``microscopy_object``, for sparse bright structure: 1-40
+    beads (Gaussian spots of lateral σ 0.35-1.2 voxels, axial 0.45 of that: sub-resolution
+    beads), 0-8 straight bars (5-40 voxels long, 1-3 across) of log-uniform brightness 0.05-1,
+    on a dark uneven background (mean 0-0.05 of the peak). Volumes like a bead slide or
+    flowdec's bars, which the cell-filled microscopy volumes never show: a few bright voxels
+    on a dark field, far above the volume's 99.5th percentile once normalised."""
+    shape_t = tuple(int(s) for s in shape)
+    if len(shape_t) != 3 or min(shape_t) < 8:
+        raise ValueError(f"shape must be 3 integers >= 8 (z, y, x), got {shape!r}")
+    rng = np.random.default_rng([_check_seed(seed), 3])
+    obj = np.zeros(shape_t, np.float32)
+    grid = [np.arange(n, dtype=np.float32) for n in shape_t]
+    for _ in range(int(rng.integers(SPARSE_BEADS[0], SPARSE_BEADS[1] + 1))):
+        sig = rng.uniform(*SPARSE_BEAD_SIGMA)
+        sigma = np.array([0.45 * sig, sig, sig])
+        centre = np.array([rng.uniform(0, n) for n in shape_t])
+        bright = _log_uniform(rng, 0.05, 1.0)
+        lo = np.maximum(np.floor(centre - 4 * sigma - 1).astype(int), 0)
+        hi = np.minimum(np.ceil(centre + 4 * sigma + 2).astype(int), shape_t)
+        if np.any(hi <= lo):
+            continue
+        z, y, x = (grid[a][lo[a]:hi[a]] - centre[a] for a in range(3))
+        spot = np.exp(-0.5 * ((z[:, None, None] / sigma[0]) ** 2 + (y[None, :, None] / sigma[1]) ** 2
+                              + (x[None, None, :] / sigma[2]) ** 2))
+        sl = tuple(slice(lo[a], hi[a]) for a in range(3))
+        np.maximum(obj[sl], (bright * spot).astype(np.float32), out=obj[sl])
+    for _ in range(int(rng.integers(SPARSE_BARS[0], SPARSE_BARS[1] + 1))):
+        length, width = rng.uniform(5, 40), rng.uniform(1.0, 3.0)
+        centre = np.array([rng.uniform(0, n) for n in shape_t])
+        d = rng.standard_normal(3)
+        d[0] *= 0.3
+        d /= max(float(np.linalg.norm(d)), 1e-12)
+        bright = _log_uniform(rng, 0.05, 1.0)
+        reach = length / 2 + 3 * width
+        lo = np.maximum(np.floor(centre - reach).astype(int), 0)
+        hi = np.minimum(np.ceil(centre + reach + 1).astype(int), shape_t)
+        if np.any(hi <= lo):
+            continue
+        z, y, x = np.meshgrid(*(grid[a][lo[a]:hi[a]] - centre[a] for a in range(3)), indexing="ij")
+        along = z * d[0] + y * d[1] + x * d[2]
+        across2 = z * z + y * y + x * x - along * along
+        inside = 1.0 / (1.0 + np.exp(np.clip((np.abs(along) - length / 2) / 0.7, -30, 30)))
+        bar = inside * np.exp(-0.5 * np.maximum(across2, 0.0) / (width / 2) ** 2)
+        sl = tuple(slice(lo[a], hi[a]) for a in range(3))
+        np.maximum(obj[sl], (bright * bar).astype(np.float32), out=obj[sl])
+    obj /= max(float(obj.max()), 1e-12)
+    field = _gauss(rng.standard_normal(shape_t).astype(np.float32), (6.0, 12.0, 12.0))
+    field = np.exp(rng.uniform(0.1, 0.6) * field / max(float(field.std()), 1e-12))
+    background = field * (rng.uniform(*SPARSE_BACKGROUND) / float(field.mean()))
+    return obj.astype(np.float32), background.astype(np.float32)
+
+
 def microscopy_pair(
     psf: Any,
     shape: Sequence[int] = (128, 128, 128),
     seed: int = 0,
     device: str | torch.device | None = None,
+    kind: str = "cells",
 ) -> tuple[np.ndarray, np.ndarray]:
     """A training pair (gt, raw) that looks like a microscope stack; float32 numpy (z, y, x).
 
-    The object and background (``microscopy_object``) are drawn taller than ``shape`` by
+    kind: "cells" (``microscopy_object``) or "sparse" (``sparse_object``: beads and bars).
+    The object and background are drawn taller than ``shape`` by
     the PSF's axial half-size above and below, so that objects outside the volume send
     out-of-focus haze into it. With P the peak photons (log-uniform 30-3000):
     gt = P·(object + background) blurred by the recipe's 5³ Gaussian, cropped to ``shape``;
@@ -617,7 +685,9 @@ def microscopy_pair(
     dev = torch.device(device) if device is not None else torch.device("cpu")
     margin = psf_arr.shape[0] // 2
     tall = (shape_t[0] + 2 * margin, shape_t[1], shape_t[2])
-    obj, bg = microscopy_object(tall, seed)
+    if kind not in ("cells", "sparse"):
+        raise ValueError(f"kind must be 'cells' or 'sparse', got {kind!r}")
+    obj, bg = (microscopy_object if kind == "cells" else sparse_object)(tall, seed)
     rng = np.random.default_rng([seed, 1])  # camera draws, independent of the object's stream
     photons = _log_uniform(rng, *MICRO_PHOTONS)
     gain = _log_uniform(rng, *MICRO_GAIN)

@@ -72,7 +72,8 @@ class TrainConfig:
     ``data_dir``, ``n_volumes`` pairs are generated on the fly with
     ``synth.phantom_pair(psf, phantom_shape, data_seed + i)`` and ``n_val`` validation
     pairs with seeds ``val_seed + j``, with the ``recipe`` of ``synth.phantom_pair``
-    ("official", "microscopy" or "mixed"; validation pairs use the same recipe). ``psf``: array (z, y, x) or TIFF path at the
+    (``synth.RECIPES``: "official", "microscopy", "mixed" or "mixed_sparse"; validation pairs
+    use the same recipe). ``psf``: array (z, y, x) or TIFF path at the
     phantom's voxel size; None gives a Gaussian PSF, σ (z, y, x) = (2, 1, 1) voxels,
     15³ (``default_psf()``).
 
@@ -153,9 +154,11 @@ class TrainConfig:
             )
         if self.gradients not in ("exact", "paper"):
             raise ValueError(f"TrainConfig.gradients must be 'exact' or 'paper', got {self.gradients!r}")
-        if self.recipe not in ("official", "microscopy", "mixed"):
+        from rln_fast.synth import RECIPES  # noqa: PLC0415 - synth is imported only to generate data
+
+        if self.recipe not in RECIPES:
             raise ValueError(
-                f"TrainConfig.recipe must be 'official', 'microscopy' or 'mixed', got {self.recipe!r}"
+                f"TrainConfig.recipe must be one of {RECIPES}, got {self.recipe!r}"
             )
         if self.norm_scope not in ("crop", "volume"):
             raise ValueError(f"TrainConfig.norm_scope must be 'crop' or 'volume', got {self.norm_scope!r}")

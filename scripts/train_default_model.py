@@ -30,7 +30,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10_000)
     ap.add_argument("--crop", type=int, default=64, help="cubic crop side (the recipe: 64)")
     ap.add_argument("--volumes", type=int, default=100)
-    ap.add_argument("--recipe", default="official", choices=["official", "microscopy", "mixed"],
+    ap.add_argument("--recipe", default="official", choices=["official", "microscopy", "mixed", "mixed_sparse"],
                     help="synthetic data (rln_fast.synth.phantom_pair's recipe)")
     ap.add_argument("--norm-scope", default="crop", choices=["crop", "volume"],
                     help="normalise each crop (the recipe) or each whole volume (as inference does)")

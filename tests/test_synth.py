@@ -288,3 +288,28 @@ def test_recipe_option():
         synth.phantom_pair(psf, shape, seed=4, recipe="confocal")
     with pytest.raises(ValueError, match="recipe"):
         synth.write_pairs("/nonexistent/never", 1, psf, shape, recipe="x", progress=False)
+
+
+def test_mixed_sparse_recipe_cycles_official_microscopy_sparse():
+    psf = _gauss_psf()
+    shape = (24, 24, 24)
+    for seed, want in ((6, synth.phantom_pair(psf, shape, seed=6)),
+                       (7, synth.microscopy_pair(psf, shape, 7)),
+                       (8, synth.microscopy_pair(psf, shape, 8, kind="sparse"))):
+        for a, b in zip(synth.phantom_pair(psf, shape, seed=seed, recipe="mixed_sparse"), want, strict=True):
+            np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="kind"):
+        synth.microscopy_pair(psf, shape, 8, kind="beads")
+
+
+def test_sparse_object_is_few_bright_small_things_on_a_dark_field():
+    for seed in range(4):
+        obj, bg = synth.sparse_object((40, 64, 64), seed=seed)
+        assert obj.dtype == bg.dtype == np.float32 and obj.min() >= 0
+        assert obj.max() == pytest.approx(1.0, abs=1e-6)
+        # Sparse: almost every voxel far below the peak (what makes them unlike the cells).
+        assert float((obj > 0.1).mean()) < 0.05
+        lo, hi = synth.SPARSE_BACKGROUND
+        assert lo - 1e-6 <= float(bg.mean()) <= hi + 1e-6
+        np.testing.assert_array_equal(obj, synth.sparse_object((40, 64, 64), seed=seed)[0])
+    assert not np.array_equal(synth.sparse_object((40, 64, 64), 0)[0], synth.sparse_object((40, 64, 64), 1)[0])
