@@ -1,7 +1,7 @@
 """Evaluates a trained RLN against Richardson-Lucy: held-out phantoms, semi-synthetic real structure, DAPI.
 
 Usage: python scripts/evaluate_default_model.py MODEL.pt OUT_DIR [--data DIR] [--phantoms N]
-       [--cache DIR] [--no-pictures]
+       [--cache DIR] [--no-pictures] [--p-high P]
 
 Three evaluations, all with the default model's PSF (widefield Born-Wolf at the DAPI demo
 stack's acquisition); none of their data is ever training data:
@@ -293,9 +293,18 @@ def main() -> None:
     ap.add_argument("--no-pictures", action="store_true")
     ap.add_argument("--semi", default=",".join(s[0] for s in SEMI_SYNTHETIC),
                     help="comma-separated semi-synthetic volumes to run (default: all)")
+    ap.add_argument("--p-high", type=float, default=None,
+                    help="diagnostic: the upper percentile of rln_deconvolve's normalisation "
+                         "(default: its own, 99.5), to see how the model depends on it")
     args = ap.parse_args()
     if not 0 <= args.phantoms <= len(HELD_OUT_SEEDS):
         ap.error(f"--phantoms must be 0..{len(HELD_OUT_SEEDS)}")
+    if args.p_high is not None:
+        from rln_fast import deconvolve  # noqa: PLC0415
+
+        if not deconvolve._P_LOW < args.p_high <= 100:
+            ap.error(f"--p-high must be in ({deconvolve._P_LOW}, 100]")
+        deconvolve._P_HIGH = args.p_high  # read at every call; a diagnostic, not an API
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(args.cache) if args.cache else None
@@ -305,6 +314,8 @@ def main() -> None:
     model = RLN.load(args.model)
     psf = psf_models.born_wolf(PSF_SHAPE, VOXEL_SIZE, **PSF_ARGS).astype(np.float64)
     result = {"model": str(args.model), "metadata": model.metadata}
+    if args.p_high is not None:
+        result["normalisation_p_high"] = args.p_high
 
     # (a) held-out phantoms
     rows, pics = [], []
