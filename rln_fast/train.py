@@ -79,7 +79,10 @@ class TrainConfig:
 
     Normalisation: ``norm_scope="crop"`` (the recipe) normalises each crop by its own
     percentiles; "volume" normalises by the percentiles of the whole volume the crops come
-    from, as ``rln_deconvolve``'s default "global" mode does at inference.
+    from, as ``rln_deconvolve``'s default "global" mode does at inference. ``gain_augment``
+    G > 1 (not the recipe; "volume" only) multiplies each normalised crop and its GT by a
+    gain log-uniform in [1, G]: objects brighter than the normalisation's reference, as in a
+    sparse volume whose 99.5th percentile is background.
 
     Model: ``init_model`` (path of an ``RLN.save`` file) starts from those weights instead of
     a random initialisation (fine-tuning; not the recipe). ``gradients="paper"`` and ``bn="official"`` reproduce the released training
@@ -107,6 +110,7 @@ class TrainConfig:
     norm_percentiles: tuple[float, float] = (0.01, 99.5)
     norm_scope: str = "crop"
     augment: bool = False
+    gain_augment: float = 1.0
     # loss
     e1_weight: float = 0.1
     e1_gt_fraction: float = 0.8
@@ -162,6 +166,11 @@ class TrainConfig:
             )
         if self.norm_scope not in ("crop", "volume"):
             raise ValueError(f"TrainConfig.norm_scope must be 'crop' or 'volume', got {self.norm_scope!r}")
+        if not (math.isfinite(self.gain_augment) and self.gain_augment >= 1.0):
+            raise ValueError(f"TrainConfig.gain_augment must be a finite number >= 1, got {self.gain_augment!r}")
+        if self.gain_augment > 1.0 and self.norm_scope != "volume":
+            raise ValueError("TrainConfig.gain_augment needs norm_scope='volume' (per-crop "
+                             "normalisation would undo the gain)")
         if self.init_model is not None and not Path(self.init_model).is_file():
             raise ValueError(f"TrainConfig.init_model: {self.init_model} is not a file")
         if self.bn not in ("torch", "official"):
@@ -416,6 +425,11 @@ class _Stream:
             x_c, g_c = inp[sl], gt[sl]
             if c.augment:
                 x_c, g_c = _augment([x_c, g_c], self.rng)
+            if c.gain_augment > 1.0:
+                # The same scene brighter than the normalisation's reference (a sparse volume
+                # whose 99.5th percentile is background): input and GT scaled alike.
+                gain = float(np.exp(self.rng.uniform(0.0, math.log(c.gain_augment))))
+                x_c, g_c = x_c * np.float32(gain), g_c * np.float32(gain)
             xs.append(x_c)
             gts.append(g_c)
         return np.stack(xs)[:, None], np.stack(gts)[:, None]

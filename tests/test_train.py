@@ -221,6 +221,23 @@ def test_volume_normalisation_cuts_crops_from_the_normalised_volume():
     assert not np.allclose(normalize_crop(x[0, 0], c.norm_percentiles), x[0, 0])
 
 
+def test_gain_augment_scales_input_and_gt_alike():
+    c = _tiny(norm_scope="volume", n_volumes=1, n_val=0, batch_size=1)
+    vols = _Volumes(c)
+    x0, g0 = _Stream(c, vols).next_batch()
+    cg = _tiny(norm_scope="volume", n_volumes=1, n_val=0, batch_size=1, gain_augment=6.0)
+    x1, g1 = _Stream(cg, _Volumes(cg)).next_batch()
+    # The first crop is drawn before the gain: the same window, times one gain in [1, 6].
+    gain = float(np.abs(x1).max() / np.abs(x0).max())
+    assert 1.0 <= gain <= 6.0 and gain != 1.0
+    np.testing.assert_allclose(x1, x0 * gain, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(g1, g0 * gain, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="gain_augment"):
+        _tiny(gain_augment=0.5)
+    with pytest.raises(ValueError, match="norm_scope='volume'"):
+        _tiny(gain_augment=2.0)
+
+
 def test_init_model_starts_from_its_weights(tmp_path):
     start = RLN()
     start.reset_parameters(generator=torch.Generator().manual_seed(123))
