@@ -85,6 +85,16 @@ def _dw_version(dw: str) -> tuple[str, str]:
     return (m.group(0) if m else "unknown"), (f"{lib.group(1)} ({lib.group(2)})" if lib else "unknown")
 
 
+def _time_process(cmd: list[str], times: int) -> list[float]:
+    """Wall seconds of each of ``times`` runs of the command (which must succeed)."""
+    seconds = []
+    for _ in range(times):
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True, timeout=3600)
+        seconds.append(time.perf_counter() - t0)
+    return seconds
+
+
 def run(threads: int = 2, iterations: int = 20, rounds: int = 1, workdir: Path | None = None) -> dict:
     import tifffile
     import torch
@@ -108,14 +118,9 @@ def run(threads: int = 2, iterations: int = 20, rounds: int = 1, workdir: Path |
                        check=True, capture_output=True, timeout=3600)
 
     def deconwolf(method: str, n: int, out: Path, times: int = 1) -> list[float]:
-        cmd = [dw, "--iter", str(n), "--threads", str(threads), "--method", method, "--float",
-               "--overwrite", "--out", str(out), str(image), str(psf_path)]
-        seconds = []
-        for _ in range(times):
-            t0 = time.perf_counter()
-            subprocess.run(cmd, check=True, capture_output=True, timeout=3600)
-            seconds.append(time.perf_counter() - t0)
-        return seconds
+        return _time_process([dw, "--iter", str(n), "--threads", str(threads), "--method", method,
+                              "--float", "--overwrite", "--out", str(out), str(image), str(psf_path)],
+                             times)
 
     deconwolf("rl", 1, tmp / "warmup.tif")  # FFTW wisdom for this job size, kept on disk
     dw_rounds = {m: deconwolf(m, iterations, tmp / f"dw_{m}.tif", rounds) for m in ("rl", "shb")}
@@ -153,12 +158,7 @@ def run(threads: int = 2, iterations: int = 20, rounds: int = 1, workdir: Path |
                "--method", "rl", "--psf", str(psf_path), "--num-iter", str(iterations),
                "--acceleration", acceleration, "--background", repr(bg_min),
                "--threads", str(threads), "--overwrite", "-q"]
-        times = []
-        for _ in range(rounds):
-            t0 = time.perf_counter()
-            subprocess.run(cmd, check=True, capture_output=True, timeout=3600)
-            times.append(time.perf_counter() - t0)
-        return times
+        return _time_process(cmd, rounds)
 
     cli_rounds = {m: command(m) for m in ("none", "shb")}
     cli_t = {m: statistics.median(t) for m, t in cli_rounds.items()}

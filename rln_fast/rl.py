@@ -516,9 +516,6 @@ class _FFTJob(_Job):
         # Bertero job leaves planes out of the image (its box starts at the origin).
         depth = m[0] if edges == "bertero" else self.shape[0]
         self._plans = _cpu_fft(self.shape, depth) if img.device.type == "cpu" else None
-        # The planes of a work volume the ratio is written in: the others are read by nothing
-        # (DFTI's box transforms skip them), so that its zeros are written there only.
-        self._ratio_depth = self.shape[0]
         if self._plans is None:
             self.otf = _otf(psf, self.shape, img.device)
         else:
@@ -527,7 +524,6 @@ class _FFTJob(_Job):
             half = (*self.shape[:2], self.shape[2] // 2 + 1)
             self._spec = torch.empty(half, dtype=torch.complex64)
             self._real = torch.empty((1, 1, *self.shape), dtype=torch.float32)
-            self._ratio_depth = depth
         if self.weights is not None and img.device.type == "cpu":
             # On the CPU w is stored once (one real volume) rather than evaluated per voxel in
             # every update, which with a large PSF is most of the update's time; GPU kernels
@@ -588,8 +584,11 @@ class _FFTJob(_Job):
         # outside the box; correction = H^T ratio.
         scratch = self._real if self._plans is not None else None
         blurred = self._convolve(y, False, scratch, read_inside=True)
+        # The ratio is written in the planes DFTI's box transform reads (those of the image on
+        # the Bertero job); torch.fft reads them all.
+        depth = self._plans.depth if self._plans is not None else self.shape[0]
         ratio = blurred
-        ops.rl_ratio_(blurred[:, :, : self._ratio_depth], self.image5, self.bg, self.eps)
+        ops.rl_ratio_(blurred[:, :, :depth], self.image5, self.bg, self.eps)
         del blurred
         corr = self._convolve(ratio, True, self._take_spare(y) if self._plans is not None else None,
                               zero_outside=True)

@@ -515,6 +515,22 @@ def _log_uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
     return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
 
 
+def _object_shape(shape: Sequence[int]) -> tuple[int, int, int]:
+    shape_t = tuple(int(s) for s in shape)
+    if len(shape_t) != 3 or min(shape_t) < 8:
+        raise ValueError(f"shape must be 3 integers >= 8 (z, y, x), got {shape!r}")
+    return shape_t  # type: ignore[return-value]
+
+
+def _uneven_background(rng: np.random.Generator, shape: tuple[int, int, int],
+                       mean: tuple[float, float]) -> np.ndarray:
+    """Smooth positive noise (features tens of voxels across) whose mean is drawn from
+    ``mean`` (a fraction of the object's peak), float32."""
+    field = _gauss(rng.standard_normal(shape).astype(np.float32), (6.0, 12.0, 12.0))
+    field = np.exp(rng.uniform(0.1, 0.6) * field / max(float(field.std()), 1e-12))
+    return (field * (rng.uniform(*mean) / float(field.mean()))).astype(np.float32)
+
+
 def microscopy_object(shape: Sequence[int], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(object, background) float32 (z, y, x), values >= 0, object maximum 1: a pure function of seed.
 
@@ -526,9 +542,7 @@ def microscopy_object(shape: Sequence[int], seed: int = 0) -> tuple[np.ndarray, 
     voxels across) with a mean of 0-0.15 of the object's maximum. Objects may lie partly
     outside the volume.
     """
-    shape_t = tuple(int(s) for s in shape)
-    if len(shape_t) != 3 or min(shape_t) < 8:
-        raise ValueError(f"shape must be 3 integers >= 8 (z, y, x), got {shape!r}")
+    shape_t = _object_shape(shape)
     rng = np.random.default_rng(_check_seed(seed))
     nz, ny, nx = shape_t
     obj = np.zeros(shape_t, np.float32)
@@ -594,11 +608,7 @@ def microscopy_object(shape: Sequence[int], seed: int = 0) -> tuple[np.ndarray, 
         dots = _gauss(dots, 0.9) / 0.0871  # a point peaks at (2π·0.9²)^-1.5 ≈ 0.0871
     obj = np.maximum(obj, np.maximum(fil, dots))
     obj /= max(float(obj.max()), 1e-12)
-    # Uneven background: smooth noise (features tens of voxels across), made positive.
-    field = _gauss(rng.standard_normal(shape_t).astype(np.float32), (6.0, 12.0, 12.0))
-    field = np.exp(rng.uniform(0.1, 0.6) * field / max(float(field.std()), 1e-12))
-    background = field * (rng.uniform(*MICRO_BACKGROUND) / float(field.mean()))
-    return obj.astype(np.float32), background.astype(np.float32)
+    return obj.astype(np.float32), _uneven_background(rng, shape_t, MICRO_BACKGROUND)
 
 
 SPARSE_BEADS = (1, 40)  # beads per volume, inclusive
@@ -614,9 +624,7 @@ def sparse_object(shape: Sequence[int], seed: int = 0) -> tuple[np.ndarray, np.n
     on a dark uneven background (mean 0-0.05 of the peak). Volumes like a bead slide or
     flowdec's bars, which the cell-filled microscopy volumes never show: a few bright voxels
     on a dark field, far above the volume's 99.5th percentile once normalised."""
-    shape_t = tuple(int(s) for s in shape)
-    if len(shape_t) != 3 or min(shape_t) < 8:
-        raise ValueError(f"shape must be 3 integers >= 8 (z, y, x), got {shape!r}")
+    shape_t = _object_shape(shape)
     rng = np.random.default_rng([_check_seed(seed), 3])
     obj = np.zeros(shape_t, np.float32)
     grid = [np.arange(n, dtype=np.float32) for n in shape_t]
@@ -654,10 +662,7 @@ def sparse_object(shape: Sequence[int], seed: int = 0) -> tuple[np.ndarray, np.n
         sl = tuple(slice(lo[a], hi[a]) for a in range(3))
         np.maximum(obj[sl], (bright * bar).astype(np.float32), out=obj[sl])
     obj /= max(float(obj.max()), 1e-12)
-    field = _gauss(rng.standard_normal(shape_t).astype(np.float32), (6.0, 12.0, 12.0))
-    field = np.exp(rng.uniform(0.1, 0.6) * field / max(float(field.std()), 1e-12))
-    background = field * (rng.uniform(*SPARSE_BACKGROUND) / float(field.mean()))
-    return obj.astype(np.float32), background.astype(np.float32)
+    return obj.astype(np.float32), _uneven_background(rng, shape_t, SPARSE_BACKGROUND)
 
 
 def microscopy_pair(
