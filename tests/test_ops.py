@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hypothesis.strategies as st
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -292,6 +293,29 @@ def test_inference_never_imports_dynamo():
             "rf.rln_deconvolve(v, progress=False)\n"
             "print('torch._dynamo' in sys.modules)\n")
     assert fresh_python(code).strip() == "False"
+
+
+def test_cpu_kernels_read_subnormals_as_zero_and_restore_the_callers_mode():
+    # Subnormal floats cost a microcode assist per operation on x86; the CPU kernels run with
+    # FTZ/DAZ inside their parallel regions and leave the caller's floating-point mode as it was.
+    import platform
+
+    tiny = 1e-39  # a float32 subnormal
+    x = torch.full((1, 1, 4, 4, 4), tiny)
+    w = torch.ones(1, 1, 3, 3, 3)
+    y = ops.conv3d(x, w, None, "none")
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert torch.count_nonzero(y) == 0
+    else:
+        assert torch.count_nonzero(y) == y.numel()
+    # Gradients too: the sigmoid of a strongly negative pre-activation is subnormal.
+    xg = torch.full((1, 1, 4, 4, 4), -90.0, requires_grad=True)
+    (g,) = torch.autograd.grad(ops.conv3d(xg, w, None, "softplus").sum(), (xg,))
+    assert torch.isfinite(g).all()
+    # The caller's threads (this one and torch's workers) still compute subnormals.
+    assert float(np.float32(1e-38) * np.float32(0.01)) != 0.0
+    big = torch.full((1 << 20,), 1e-38) * 0.01
+    assert torch.count_nonzero(big) == big.numel()
 
 
 # (e) torch.compile and CUDA vs the CPU twin -----------------------------------------------

@@ -28,6 +28,7 @@ int64_t row_grain(int64_t row_len, int64_t work_per_voxel) {
 template <class F>
 void for_chunks(int64_t n, int64_t grain, F&& f) {
   if (n <= grain) {
+    FlushSubnormals guard;  // as in the threads of parallel_chunks: same result either way
     if (n > 0) f(int64_t(0), n);
     return;
   }
