@@ -82,7 +82,9 @@ class TrainConfig:
     from, as ``rln_deconvolve``'s default "global" mode does at inference. ``gain_augment``
     G > 1 (not the recipe; "volume" only) multiplies each normalised crop and its GT by a
     gain log-uniform in [1, G]: objects brighter than the normalisation's reference, as in a
-    sparse volume whose 99.5th percentile is background.
+    sparse volume whose 99.5th percentile is background. ``gain_weighted`` (with a gain) scores
+    each crop's loss on the network's output and the crop divided by the crop's gain, so that a
+    bright crop weighs as much as a dim one (its MSE would otherwise grow with the gain squared).
 
     Model: ``init_model`` (path of an ``RLN.save`` file) starts from those weights instead of
     a random initialisation (fine-tuning; not the recipe). ``gradients="paper"`` and ``bn="official"`` reproduce the released training
@@ -111,6 +113,7 @@ class TrainConfig:
     norm_scope: str = "crop"
     augment: bool = False
     gain_augment: float = 1.0
+    gain_weighted: bool = False
     # loss
     e1_weight: float = 0.1
     e1_gt_fraction: float = 0.8
@@ -171,6 +174,9 @@ class TrainConfig:
         if self.gain_augment > 1.0 and self.norm_scope != "volume":
             raise ValueError("TrainConfig.gain_augment needs norm_scope='volume' (per-crop "
                              "normalisation would undo the gain)")
+        if self.gain_weighted and self.gain_augment == 1.0:
+            raise ValueError("TrainConfig.gain_weighted needs gain_augment > 1 (there is no gain "
+                             "to weigh the loss by)")
         if self.init_model is not None and not Path(self.init_model).is_file():
             raise ValueError(f"TrainConfig.init_model: {self.init_model} is not a file")
         if self.bn not in ("torch", "official"):
@@ -217,6 +223,15 @@ def rln_loss(
     ssim_term = -torch.log((1.0 + ssim) / 2.0)
     loss = c.e1_weight * mse_e1 + mse_out + ssim_term
     return loss, {"mse_e1": mse_e1, "mse_out": mse_out, "ssim": ssim, "ssim_term": ssim_term}
+
+
+def _unscale(
+    outputs: dict[str, torch.Tensor], x: torch.Tensor, gt: torch.Tensor, gains: Sequence[float]
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """The loss's operands divided by each crop's gain (``TrainConfig.gain_weighted``)."""
+    g = torch.tensor(gains, dtype=x.dtype, device=x.device).view(-1, *([1] * (x.dim() - 1)))
+    scaled = {k: outputs[k] / g for k in ("E1pre", "output")}
+    return scaled, x / g, gt / g
 
 
 def normalize_crop(a: np.ndarray, percentiles: Sequence[float] = (0.01, 99.5)) -> np.ndarray:
@@ -399,6 +414,7 @@ class _Stream:
         self.rng = np.random.default_rng(c.seed)
         self.order: list[int] = []
         self.pos = 0
+        self.gains: list[float] = []  # the gain of each crop of the last batch (1 without gain_augment)
 
     def state(self) -> dict[str, Any]:
         return {"rng": json.dumps(self.rng.bit_generator.state), "order": list(self.order),
@@ -418,6 +434,7 @@ class _Stream:
         gt, inp, mean = self.volumes.get(self.volumes.train[self.order[self.pos]])
         self.pos += 1
         xs, gts = [], []
+        self.gains = []
         for _ in range(c.batch_size):
             threshold = c.crop_min_ratio * (mean if c.norm_scope == "crop" else float(gt.mean(dtype=np.float64)))
             start, _ = _draw_crop(gt, c.crop, self.rng, threshold, c.crop_retries)
@@ -430,6 +447,9 @@ class _Stream:
                 # whose 99.5th percentile is background): input and GT scaled alike.
                 gain = float(np.exp(self.rng.uniform(0.0, math.log(c.gain_augment))))
                 x_c, g_c = x_c * np.float32(gain), g_c * np.float32(gain)
+            else:
+                gain = 1.0
+            self.gains.append(gain)
             xs.append(x_c)
             gts.append(g_c)
         return np.stack(xs)[:, None], np.stack(gts)[:, None]
@@ -649,7 +669,10 @@ def train(
                 for g in opt.param_groups:
                     g["lr"] = lr
                 opt.zero_grad(set_to_none=True)
-                loss, parts = rln_loss(model(x, return_intermediates=True), x, gt, c)
+                outputs = model(x, return_intermediates=True)
+                if c.gain_weighted:
+                    outputs, x, gt = _unscale(outputs, x, gt, stream.gains)
+                loss, parts = rln_loss(outputs, x, gt, c)
                 loss.backward()
                 opt.step()
                 step += 1

@@ -3,7 +3,7 @@
 Usage: python scripts/train_default_model.py OUT_DIR [--steps N] [--crop S] [--volumes N]
        [--recipe official|microscopy|mixed|mixed_sparse] [--norm-scope crop|volume]
        [--init MODEL.pt] [--lr LR] [--lr-hold N] [--lr-decay-steps N] [--augment]
-       [--gain-augment G] [--threads N] [--device cpu|cuda]
+       [--gain-augment G [--gain-weighted]] [--threads N] [--device cpu|cuda]
 The PSF is a widefield Born-Wolf model at the DAPI demo stack's acquisition (voxel 0.3 x 0.13 x
 0.13 um, emission 0.461 um, NA 1.45, immersion 1.512); phantoms are generated on the fly.
 Re-running with the same OUT_DIR and options resumes from its last checkpoint.
@@ -43,6 +43,8 @@ def main() -> None:
     ap.add_argument("--gain-augment", type=float, default=1.0,
                     help="scale each normalised crop and its GT by a gain log-uniform in [1, G] "
                          "(not the recipe; needs --norm-scope volume)")
+    ap.add_argument("--gain-weighted", action="store_true",
+                    help="with --gain-augment, score each crop's loss divided by its gain (not the recipe)")
     ap.add_argument("--augment", action="store_true",
                     help="random flips and (y, x) quarter turns of the crops (not the recipe)")
     ap.add_argument("--val-every", type=int, default=500)
@@ -56,7 +58,8 @@ def main() -> None:
                          cache_volumes=args.volumes, recipe=args.recipe, norm_scope=args.norm_scope,
                          init_model=args.init, lr=args.lr, lr_hold=args.lr_hold,
                          lr_decay_steps=args.lr_decay_steps, augment=args.augment,
-                         gain_augment=args.gain_augment, checkpoint_every=50,
+                         gain_augment=args.gain_augment, gain_weighted=args.gain_weighted,
+                         checkpoint_every=50,
                          val_every=args.val_every, device=args.device)
     train(config, args.out_dir, resume=True, progress=True)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 
 import numpy as np
@@ -21,6 +22,7 @@ from rln_fast.train import (
     _draw_crop,
     _normalize_torch,
     _Stream,
+    _unscale,
     _Volumes,
     global_ssim,
     learning_rate,
@@ -236,6 +238,39 @@ def test_gain_augment_scales_input_and_gt_alike():
         _tiny(gain_augment=0.5)
     with pytest.raises(ValueError, match="norm_scope='volume'"):
         _tiny(gain_augment=2.0)
+    # The stream records each crop's gain.
+    stream = _Stream(cg, _Volumes(cg))
+    x2, _ = stream.next_batch()
+    np.testing.assert_allclose(x2, x0 * stream.gains[0], rtol=1e-5, atol=1e-6)
+
+
+def test_gain_weighted_loss_scores_the_crop_before_its_gain():
+    gen = torch.Generator().manual_seed(0)
+    x0, gt0, e1, out = (torch.rand(3, 1, 8, 8, 8, generator=gen) for _ in range(4))
+    gains = [1.0, 2.5, 6.0]
+    g = torch.tensor(gains).view(-1, 1, 1, 1, 1)
+    plain, _ = rln_loss({"E1pre": e1, "output": out}, x0, gt0)
+    scaled_outputs = {"E1pre": e1 * g, "output": out * g}
+    weighted, _ = rln_loss(*_unscale(scaled_outputs, x0 * g, gt0 * g, gains))
+    torch.testing.assert_close(weighted, plain, rtol=1e-5, atol=1e-6)
+    # Without the weighting the bright crops dominate.
+    unweighted, _ = rln_loss(scaled_outputs, x0 * g, gt0 * g)
+    assert unweighted > 2 * plain
+    with pytest.raises(ValueError, match="gain_weighted needs gain_augment"):
+        _tiny(norm_scope="volume", gain_weighted=True)
+
+
+def test_gain_weighted_training_runs_and_resumes_bit_for_bit(tmp_path):
+    c = _tiny(norm_scope="volume", n_volumes=1, n_val=0, steps=2, gain_augment=4.0,
+              gain_weighted=True, checkpoint_every=1)
+    whole = train(c, tmp_path / "whole", progress=False)
+    train(dataclasses.replace(c, steps=1), tmp_path / "split", progress=False)
+    resumed = train(c, tmp_path / "split", resume=True, progress=False)
+    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    unweighted = train(dataclasses.replace(c, gain_weighted=False), tmp_path / "unweighted",
+                       progress=False)
+    assert not torch.equal(unweighted.e1, whole.e1)
 
 
 def test_init_model_starts_from_its_weights(tmp_path):
