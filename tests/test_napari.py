@@ -223,14 +223,19 @@ def test_rln_widget_model_file_equals_api(viewer, dock, qtbot, tmp_path):
     assert _shown(w.model_file, w)
     w.model_file.value = path
     w.normalize.value = "official"
+    w.ensemble.value = 2
     w.device.value = "cpu"
     w.run()
     _wait(qtbot, w)
-    expected = rf.rln_deconvolve(img, path, normalize="official", device="cpu", progress=False)
-    default = rf.rln_deconvolve(img, normalize="official", device="cpu", progress=False)
+    expected = rf.rln_deconvolve(img, path, normalize="official", ensemble=2, device="cpu",
+                                 progress=False)
+    default = rf.rln_deconvolve(img, normalize="official", ensemble=2, device="cpu",
+                                progress=False)
+    single = rf.rln_deconvolve(img, path, normalize="official", device="cpu", progress=False)
     out = viewer.layers["cells RLN (mine)"].data
     np.testing.assert_array_equal(out, expected)
     assert not np.allclose(out, default)  # the file's model was used, not the shipped one
+    assert not np.allclose(out, single)  # and the ensemble
 
 
 def test_rln_widget_cancel_discards_result(viewer, dock, qtbot, notifications):

@@ -104,6 +104,25 @@ def test_tiled_rln_equals_untiled(model, shape, tile, normalize):
     assert np.abs(tiled - full).max() <= 1e-5 * np.abs(full).max()
 
 
+def test_flip_ensemble_is_the_mean_of_flipped_runs_and_tiles_exactly(model):
+    rng = np.random.default_rng(4)
+    x = (rng.gamma(2.0, 40.0, (21, 34, 27)) + 5).astype(np.float32)  # odd sides
+    one = rf.rln_deconvolve(x, model, progress=False)
+    flipped = rf.rln_deconvolve(np.ascontiguousarray(x[:, :, ::-1]), model, progress=False)[:, :, ::-1]
+    two = rf.rln_deconvolve(x, model, ensemble=2, progress=False)
+    np.testing.assert_allclose(two, (one + flipped) / 2, rtol=1e-6, atol=1e-6 * np.abs(one).max())
+    assert np.abs(two - one).max() > 1e-3 * np.abs(one).max()  # the flip changes the output
+    eight = rf.rln_deconvolve(x, model, ensemble=8, progress=False)
+    tiled = rf.rln_deconvolve(x, model, ensemble=8, tile=(10, 16, 14), progress=False)
+    assert np.abs(tiled - eight).max() <= 1e-5 * np.abs(eight).max()
+    # torch in, torch out; the mean is an ordinary tensor
+    t = rf.rln_deconvolve(torch.from_numpy(x), model, ensemble=4, normalize=None, progress=False)
+    assert isinstance(t, torch.Tensor) and not t.is_inference()
+    for bad in (0, 3, 16, True, 2.0):
+        with pytest.raises(ValueError, match="ensemble must be 1, 2, 4 or 8"):
+            rf.rln_deconvolve(x, model, ensemble=bad, progress=False)
+
+
 def test_tiled_rln_from_a_budget_torch_in_torch_out(model):
     x = torch.rand(36, 80, 72) * 100
     full = rf.rln_deconvolve(x, model, progress=False)

@@ -340,9 +340,12 @@ class RLNWidget(_Panel):
                                   value="global",
                                   tooltip="global: output in input units; official: the "
                                           "official script's per-volume normalisation")
+        self.ensemble = ComboBox(label="flip ensemble", choices=[1, 2, 4, 8], value=1,
+                                 tooltip="also run on the volume flipped along x, y, z and "
+                                         "average: less texture, that many times the time")
         self.device = ComboBox(label="device", choices=_devices(), value="auto")
         self.model.changed.connect(self._show_file)
-        self._add_controls(self.model, self.model_file, self.normalize, self.device)
+        self._add_controls(self.model, self.model_file, self.normalize, self.ensemble, self.device)
         self._show_file(self.model.value)
 
     def _show_file(self, value: str) -> None:
@@ -359,7 +362,7 @@ class RLNWidget(_Panel):
             if not model.is_file():
                 raise FileNotFoundError(f"{self.title}: model file {str(model)!r} does not "
                                         "exist; choose a .pt file written by RLN.save")
-        options = {"normalize": self.normalize.value,
+        options = {"normalize": self.normalize.value, "ensemble": int(self.ensemble.value),
                    "device": _resolve_device(self.device.value)}
 
         def compute(should_stop: Callable[[], bool], report: Callable[[int], None]) -> np.ndarray:
