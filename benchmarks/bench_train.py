@@ -2,7 +2,8 @@
 
 Batch 4 × 64³ on CUDA (DESIGN's anchor: 49 ms fp32 on an H100 for plain PyTorch). On the
 CPU the crop defaults to 32³ (a 64³ step takes seconds on 2 cores); set
-RLN_BENCH_TRAIN_CROP=64 to force the full size. Both models start from the same weights,
+RLN_BENCH_TRAIN_CROP=64 to force the full size. RLN_BENCH_TRAIN_INIT=default (or a model's
+path) starts both models from trained weights instead of a seeded random initialisation. Both models start from the same weights,
 see the same normalised phantom crops and use the recipe's loss (rln_fast.train.rln_loss);
 the losses and gradients are checked to agree before anything is timed. Our model uses
 exact gradients and nn.BatchNorm3d (gradients="exact", bn="torch") so that plain autograd
@@ -50,7 +51,12 @@ def _batch(crop: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _models(device: str) -> tuple[RLN, PlainRLN]:
     ours = RLN(gradients="exact", bn="torch")
-    ours.reset_parameters(generator=torch.Generator().manual_seed(0))
+    init = os.environ.get("RLN_BENCH_TRAIN_INIT")
+    if init:  # fine-tuning: a trained model's activations reach the subnormal range
+        trained = RLN.from_pretrained() if init == "default" else RLN.load(init)
+        ours.load_state_dict(trained.state_dict())
+    else:
+        ours.reset_parameters(generator=torch.Generator().manual_seed(0))
     plain = PlainRLN()
     plain.load_state_dict(ours.state_dict())
     return ours.to(device).train(), plain.to(device).train()
@@ -117,6 +123,7 @@ def _info(benchmark, device: str, crop: int) -> None:
         "torch": torch.__version__,
         "shape": [BATCH, 1, crop, crop, crop],
         "step": "forward + rln_loss + backward + Adam",
+        "init": os.environ.get("RLN_BENCH_TRAIN_INIT") or "random (seed 0)",
     })
 
 
