@@ -155,6 +155,18 @@ def test_rln_per_channel_models_and_options(small_model):
                                              progress=False), mine)
 
 
+def test_rln_ensemble_option_reaches_each_volume(small_model):
+    arr = _stack("czyx", seed=4)
+    out = deconvolve_stack(arr, "czyx", model=small_model, ensemble=2, device="cpu",
+                           progress=False)
+    for c in range(arr.shape[0]):
+        expected = rf.rln_deconvolve(arr[c], small_model, ensemble=2, device="cpu",
+                                     progress=False)
+        np.testing.assert_array_equal(out[c], expected)
+    single = rf.rln_deconvolve(arr[0], small_model, device="cpu", progress=False)
+    assert not np.allclose(out[0], single)
+
+
 def test_torch_in_torch_out():
     import torch
 
