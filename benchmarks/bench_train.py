@@ -3,8 +3,9 @@
 Batch 4 × 64³ on CUDA (DESIGN's anchor: 49 ms fp32 on an H100 for plain PyTorch). On the
 CPU the crop defaults to 32³ (a 64³ step takes seconds on 2 cores); set
 RLN_BENCH_TRAIN_CROP=64 to force the full size. RLN_BENCH_TRAIN_INIT=default (or a model's
-path) starts both models from trained weights instead of a seeded random initialisation. Both models start from the same weights,
-see the same normalised phantom crops and use the recipe's loss (rln_fast.train.rln_loss);
+path) starts both models from trained weights instead of a seeded random initialisation.
+Both models start from the same weights, see the same normalised phantom crops and use the
+recipe's loss (rln_fast.train.rln_loss);
 the losses and gradients are checked to agree before anything is timed. Our model uses
 exact gradients and nn.BatchNorm3d (gradients="exact", bn="torch") so that plain autograd
 computes the same step.

@@ -203,26 +203,28 @@ def rln_deconvolve(
     device = torch.device(device)
     fused = _resolve_model(model, device)
     core = _tile_core(tuple(x.shape), tile, memory_budget, device)
+    # The percentiles do not change under flips: taken once for every member of the ensemble.
     if core != tuple(x.shape):
-        y = _ensemble(x, ensemble, lambda xm: _rln_tiled(xm, fused, core, normalize, rescale,
-                                                        device, progress))
+        mi, ma = _tiled_stats(x, normalize, progress)
+        y = _ensemble(x, ensemble, lambda xm: _rln_tiled(xm, fused, core, mi, ma, normalize,
+                                                        rescale, device, progress))
         return y.numpy() if kind == "numpy" else _to_kind(y, kind, in_device)
 
-    y = _ensemble(x, ensemble, lambda xm: _rln_whole(xm, fused, normalize, rescale, device))
+    with torch.inference_mode():
+        xf = x.to(device=device, dtype=torch.float32)
+        mi, ma = _percentiles(xf) if normalize is not None else (0.0, 0.0)
+    y = _ensemble(xf, ensemble, lambda xm: _rln_whole(xm, fused, mi, ma, normalize, rescale))
 
     if kind == "numpy":
         return y.cpu().numpy()
     return _to_kind(y, kind, in_device)
 
 
-def _rln_whole(x: torch.Tensor, fused: FusedRLN, normalize: str | None, rescale: bool,
-               device: torch.device) -> torch.Tensor:
-    """The whole volume through the network at once."""
+def _rln_whole(xf: torch.Tensor, fused: FusedRLN, mi: float, ma: float, normalize: str | None,
+               rescale: bool) -> torch.Tensor:
+    """The whole float32 volume, on the network's device, through the network at once."""
     with torch.inference_mode():
-        xf = x.to(device=device, dtype=torch.float32)
-        mi = ma = 0.0
         if normalize is not None:
-            mi, ma = _percentiles(xf)
             xf = _normalize(xf, mi, ma)
         y = fused(xf[None, None].contiguous())[0, 0]
     # Outside inference mode, so that what the caller gets is an ordinary tensor.
@@ -280,15 +282,21 @@ def _rln_block(xb: torch.Tensor, fused: FusedRLN, mi: float, ma: float,
     return y
 
 
-def _rln_tiled(x: torch.Tensor, fused: FusedRLN, core: tuple[int, ...], normalize: str | None,
-               rescale: bool, device: torch.device, progress: bool) -> torch.Tensor:
-    """RLN tile by tile: the same result as the whole volume at once (module tiling explains
-    why), the full output kept where the input is (host for numpy)."""
+def _tiled_stats(x: torch.Tensor, normalize: str | None, progress: bool) -> tuple[float, float]:
+    """The whole volume's percentiles for the tiled path (block-wise above 2**24 voxels)."""
+    if normalize is None:
+        return 0.0, 0.0
+    return (_percentiles(x.to(torch.float32)) if x.numel() <= _QUANTILE_MAX
+            else tiling.exact_percentiles(_HostView(x), progress=progress))
+
+
+def _rln_tiled(x: torch.Tensor, fused: FusedRLN, core: tuple[int, ...], mi: float, ma: float,
+               normalize: str | None, rescale: bool, device: torch.device,
+               progress: bool) -> torch.Tensor:
+    """RLN tile by tile with the volume's percentiles mi, ma: the same result as the whole
+    volume at once (module tiling explains why), the full output kept where the input is
+    (host for numpy)."""
     tiles = tiling.tile_grid(x.shape, core, tiling.RLN_HALO, even=True)
-    mi = ma = 0.0
-    if normalize is not None:
-        mi, ma = (_percentiles(x.to(torch.float32)) if x.numel() <= _QUANTILE_MAX
-                  else tiling.exact_percentiles(_HostView(x), progress=progress))
 
     def block(xb: torch.Tensor) -> torch.Tensor:
         xb = xb.to(device=device, dtype=torch.float32)
