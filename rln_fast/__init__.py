@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 _NAMES = {
     "backend_info": "_backend",
     "rln_deconvolve": "deconvolve",
+    "norm_percentiles": "deconvolve",
     "deconvolve_file": "distributed",
     "deconvolve_stack": "stack",
     "RLN": "models.rln",
@@ -24,7 +25,7 @@ _NAMES = {
 }
 
 __all__ = ["RLN", "FusedRLN", "backend_info", "deconvolve_file", "deconvolve_stack", "distributed",
-           "io", "nn", "ops", "psf", "richardson_lucy", "rln_deconvolve", "stack", "synth", "tiling",
+           "io", "nn", "norm_percentiles", "ops", "psf", "richardson_lucy", "rln_deconvolve", "stack", "synth", "tiling",
            "__version__"]
 
 

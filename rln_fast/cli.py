@@ -967,7 +967,8 @@ def _deconvolve_options(fn: Callable) -> Callable:
                           "comma list gives one per channel."),
         click.option("--normalize", type=click.Choice(["global", "official", "none"]),
                      default="global", show_default=True,
-                     help="RLN input normalisation by the volume's 0.01 and 99.5 percentiles; "
+                     help="RLN input normalisation by the volume's 0.01 and 99.5 percentiles (or "
+                          "the ones the model was trained with); "
                           "global maps the output back to input units, official leaves it in "
                           "the network's units, none feeds the raw values."),
         click.option("--voxel-size", nargs=3, type=float, default=None, metavar="DZ DY DX",

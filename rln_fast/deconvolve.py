@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -14,7 +15,7 @@ from rln_fast import tiling
 if TYPE_CHECKING:
     from rln_fast.models.rln import RLN, FusedRLN
 
-__all__ = ["check_dtype", "rln_deconvolve"]
+__all__ = ["check_dtype", "norm_percentiles", "rln_deconvolve"]
 
 _P_LOW, _P_HIGH = 0.01, 99.5  # percentiles of the official inference script
 _NORMALIZE = ("global", "official", "none", None)  # "none": None, as the CLI spells it
@@ -64,17 +65,42 @@ def _as_torch(volume: Any) -> tuple[torch.Tensor, str]:
     )
 
 
-def _percentiles(x: torch.Tensor) -> tuple[float, float]:
-    """(p0.01, p99.5) of x, linear interpolation as numpy.percentile's default, in float64."""
+def norm_percentiles(model: Any) -> tuple[float, float]:
+    """The (low, high) percentiles by which ``model`` (RLN or FusedRLN) wants its input
+    normalised: metadata["norm_percentiles"] when the model has it (rln_fast.train records
+    the ones it trained with), else those of the training config in metadata["config"], else
+    the official inference script's (0.01, 99.5)."""
+    meta = getattr(model, "metadata", None) or {}
+    q = meta.get("norm_percentiles")
+    if q is None and isinstance(meta.get("config"), str):
+        try:
+            q = json.loads(meta["config"]).get("norm_percentiles")
+        except (ValueError, AttributeError):
+            q = None
+    if q is None:
+        return _P_LOW, _P_HIGH
+    try:
+        lo, hi = (float(v) for v in q)
+    except (TypeError, ValueError):
+        lo = hi = float("nan")
+    if not 0.0 <= lo < hi <= 100.0:
+        raise ValueError(f"the model's metadata['norm_percentiles'] must be (low, high) with "
+                         f"0 <= low < high <= 100, got {q!r}")
+    return lo, hi
+
+
+def _percentiles(x: torch.Tensor, q: tuple[float, float] = (_P_LOW, _P_HIGH)) -> tuple[float, float]:
+    """(low, high) percentiles q of x (default p0.01, p99.5), linear interpolation as
+    numpy.percentile's default, in float64."""
     if x.numel() <= _QUANTILE_MAX:
-        q = torch.tensor([_P_LOW / 100, _P_HIGH / 100], dtype=torch.float64, device=x.device)
-        lo, hi = torch.quantile(x.reshape(-1).double(), q).tolist()
+        qt = torch.tensor([q[0] / 100, q[1] / 100], dtype=torch.float64, device=x.device)
+        lo, hi = torch.quantile(x.reshape(-1).double(), qt).tolist()
         return lo, hi
     # Exact order statistics by partition (a float32 copy, not a float64 one), then the
     # same linear interpolation numpy uses: virtual index q * (n - 1).
     flat = x.detach().reshape(-1).cpu().numpy()
     n = flat.size
-    pos = [p / 100 * (n - 1) for p in (_P_LOW, _P_HIGH)]
+    pos = [p / 100 * (n - 1) for p in q]
     ks = sorted({min(int(np.floor(p)) + d, n - 1) for p in pos for d in (0, 1)})
     part = np.partition(flat, ks)
     out = []
@@ -142,7 +168,8 @@ def rln_deconvolve(
     finite values. model: RLN (its eval form is used: BN running statistics), FusedRLN,
     or a path written by RLN.save.
     normalize:
-      "official": per volume mi = p0.01, ma = p99.5 (linear-interpolated percentiles);
+      "official": per volume mi = p0.01, ma = p99.5 (linear-interpolated percentiles; a
+        model trained with other percentiles uses its own: ``norm_percentiles(model)``);
         x if ma == 0, x / ma if ma < 2 mi, else (x - mi) / (ma - mi + 1e-20); no clipping;
         the network output is returned as is (rescale is ignored).
       "global" (default): the same statistics over the whole volume, and the output
@@ -204,15 +231,16 @@ def rln_deconvolve(
     fused = _resolve_model(model, device)
     core = _tile_core(tuple(x.shape), tile, memory_budget, device)
     # The percentiles do not change under flips: taken once for every member of the ensemble.
+    q = norm_percentiles(fused)
     if core != tuple(x.shape):
-        mi, ma = _tiled_stats(x, normalize, progress)
+        mi, ma = _tiled_stats(x, normalize, progress, q)
         y = _ensemble(x, ensemble, lambda xm: _rln_tiled(xm, fused, core, mi, ma, normalize,
                                                         rescale, device, progress))
         return y.numpy() if kind == "numpy" else _to_kind(y, kind, in_device)
 
     with torch.inference_mode():
         xf = x.to(device=device, dtype=torch.float32)
-        mi, ma = _percentiles(xf) if normalize is not None else (0.0, 0.0)
+        mi, ma = _percentiles(xf, q) if normalize is not None else (0.0, 0.0)
     y = _ensemble(xf, ensemble, lambda xm: _rln_whole(xm, fused, mi, ma, normalize, rescale))
 
     if kind == "numpy":
@@ -282,12 +310,15 @@ def _rln_block(xb: torch.Tensor, fused: FusedRLN, mi: float, ma: float,
     return y
 
 
-def _tiled_stats(x: torch.Tensor, normalize: str | None, progress: bool) -> tuple[float, float]:
-    """The whole volume's percentiles for the tiled path (block-wise above 2**24 voxels)."""
+def _tiled_stats(x: torch.Tensor, normalize: str | None, progress: bool,
+                 q: tuple[float, float]) -> tuple[float, float]:
+    """The whole volume's percentiles q for the tiled path (block-wise above 2**24 voxels)."""
     if normalize is None:
         return 0.0, 0.0
-    return (_percentiles(x.to(torch.float32)) if x.numel() <= _QUANTILE_MAX
-            else tiling.exact_percentiles(_HostView(x), progress=progress))
+    if x.numel() <= _QUANTILE_MAX:
+        return _percentiles(x.to(torch.float32), q)
+    lo, hi = tiling.exact_percentiles(_HostView(x), q, progress=progress)
+    return lo, hi
 
 
 def _rln_tiled(x: torch.Tensor, fused: FusedRLN, core: tuple[int, ...], mi: float, ma: float,

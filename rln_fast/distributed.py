@@ -180,7 +180,7 @@ def make_job(volume: Any, *, method: str = "rln", model: Any = None,
     slab = _slab_voxels(memory_budget)
     dev = None if device is None else str(_pick_device(device))
     if method == "rln":
-        from rln_fast.deconvolve import _NORMALIZE, _P_HIGH, _P_LOW
+        from rln_fast.deconvolve import _NORMALIZE, norm_percentiles
 
         if normalize not in _NORMALIZE:
             raise ValueError(f"normalize must be one of {_NORMALIZE}, got {normalize!r}")
@@ -190,7 +190,7 @@ def make_job(volume: Any, *, method: str = "rln", model: Any = None,
         fused = _load_model(model, official_checkpoint)
         stats = (0.0, 0.0)
         if normalize is not None:
-            stats = tiling.exact_percentiles(volume, (_P_LOW, _P_HIGH), progress=progress,
+            stats = tiling.exact_percentiles(volume, norm_percentiles(fused), progress=progress,
                                              slab_voxels=slab)
         elif np.dtype(volume.dtype).kind == "f":
             _check_volume(volume, slab, rl=False)

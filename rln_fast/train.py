@@ -705,7 +705,9 @@ def train(
 
     model.eval()
     model.metadata = {"trained_by": "rln_fast.train", "steps": step,
-                      "config": json.dumps(_fingerprint(c))}
+                      "config": json.dumps(_fingerprint(c)),
+                      # What rln_deconvolve normalises this model's input by (norm_percentiles).
+                      "norm_percentiles": list(c.norm_percentiles)}
     _atomic(out / MODEL_NAME, model.save)
     _plot(out)
     return model

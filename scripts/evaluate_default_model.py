@@ -41,7 +41,7 @@ import numpy as np
 
 from rln_fast import psf as psf_models
 from rln_fast import rl, synth
-from rln_fast.deconvolve import rln_deconvolve
+from rln_fast.deconvolve import norm_percentiles, rln_deconvolve
 from rln_fast.models.rln import RLN
 
 VOXEL_SIZE = (0.3, 0.13, 0.13)
@@ -295,18 +295,16 @@ def main() -> None:
                     help="comma-separated semi-synthetic volumes to run (default: all)")
     ap.add_argument("--p-high", type=float, default=None,
                     help="diagnostic: the upper percentile of rln_deconvolve's normalisation "
-                         "(default: its own, 99.5), to see how the model depends on it")
+                         "(default: the model's own, norm_percentiles), to see how the model "
+                         "depends on it")
     ap.add_argument("--ensemble", type=int, default=1, choices=[1, 2, 4, 8],
                     help="rln_deconvolve's flip ensemble (default 1: none)")
     args = ap.parse_args()
     if not 0 <= args.phantoms <= len(HELD_OUT_SEEDS):
         ap.error(f"--phantoms must be 0..{len(HELD_OUT_SEEDS)}")
-    if args.p_high is not None:
-        from rln_fast import deconvolve  # noqa: PLC0415
-
-        if not deconvolve._P_LOW < args.p_high <= 100:
-            ap.error(f"--p-high must be in ({deconvolve._P_LOW}, 100]")
-        deconvolve._P_HIGH = args.p_high  # read at every call; a diagnostic, not an API
+    low = norm_percentiles(RLN.load(args.model))[0]
+    if args.p_high is not None and not low < args.p_high <= 100:
+        ap.error(f"--p-high must be in ({low}, 100]")
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(args.cache) if args.cache else None
@@ -314,8 +312,11 @@ def main() -> None:
         cache.mkdir(parents=True, exist_ok=True)
     pictures = not args.no_pictures
     model = RLN.load(args.model)
+    if args.p_high is not None:
+        model.metadata["norm_percentiles"] = [low, args.p_high]
     psf = psf_models.born_wolf(PSF_SHAPE, VOXEL_SIZE, **PSF_ARGS).astype(np.float64)
-    result = {"model": str(args.model), "metadata": model.metadata}
+    result = {"model": str(args.model), "metadata": model.metadata,
+              "norm_percentiles": list(norm_percentiles(model))}
     if args.p_high is not None:
         result["normalisation_p_high"] = args.p_high
     if args.ensemble != 1:

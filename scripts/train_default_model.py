@@ -2,6 +2,7 @@
 
 Usage: python scripts/train_default_model.py OUT_DIR [--steps N] [--crop S] [--volumes N]
        [--recipe official|microscopy|mixed|mixed_sparse] [--norm-scope crop|volume]
+       [--norm-percentiles LOW HIGH]
        [--init MODEL.pt] [--lr LR] [--lr-hold N] [--lr-decay-steps N] [--augment]
        [--gain-augment G [--gain-weighted]] [--threads N] [--device cpu|cuda]
 The PSF is a widefield Born-Wolf model at the DAPI demo stack's acquisition (voxel 0.3 x 0.13 x
@@ -35,6 +36,9 @@ def main() -> None:
                     help="synthetic data (rln_fast.synth.phantom_pair's recipe)")
     ap.add_argument("--norm-scope", default="crop", choices=["crop", "volume"],
                     help="normalise each crop (the recipe) or each whole volume (as inference does)")
+    ap.add_argument("--norm-percentiles", type=float, nargs=2, default=(0.01, 99.5), metavar=("LOW", "HIGH"),
+                    help="the normalisation's percentiles (the recipe: 0.01 99.5); the trained model "
+                         "records them and rln_deconvolve uses them")
     ap.add_argument("--init", default=None, help="start from this RLN (fine-tuning) instead of random weights")
     ap.add_argument("--lr", type=float, default=0.025)
     ap.add_argument("--lr-hold", type=int, default=500)
@@ -56,6 +60,7 @@ def main() -> None:
     psf = psf_models.born_wolf(PSF_SHAPE, VOXEL_SIZE, **PSF_ARGS)
     config = TrainConfig(psf=psf, steps=args.steps, crop=(args.crop,) * 3, n_volumes=args.volumes,
                          cache_volumes=args.volumes, recipe=args.recipe, norm_scope=args.norm_scope,
+                         norm_percentiles=tuple(args.norm_percentiles),
                          init_model=args.init, lr=args.lr, lr_hold=args.lr_hold,
                          lr_decay_steps=args.lr_decay_steps, augment=args.augment,
                          gain_augment=args.gain_augment, gain_weighted=args.gain_weighted,

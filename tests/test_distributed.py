@@ -41,6 +41,20 @@ def test_file_rln_equals_in_memory(tmp_path, stack, model_path, name, ngff):
     assert not (tmp_path / (name + ".blocks")).exists()
 
 
+def test_file_rln_uses_the_model_percentiles(tmp_path, stack, model_path):
+    path, x = stack
+    m = RLN.load(model_path)
+    m.metadata["norm_percentiles"] = [0.01, 99.99]  # as rln_fast.train records them
+    m.save(tmp_path / "m.pt")
+    expected = rf.rln_deconvolve(x, m, progress=False)
+    distributed.deconvolve_file(path, tmp_path / "out.tif", model=tmp_path / "m.pt",
+                                tile=(16, 32, 32), progress=False)
+    y, _ = io.read(tmp_path / "out.tif")
+    assert np.abs(y - expected).max() <= 1e-5 * np.abs(expected).max()
+    official = rf.rln_deconvolve(x, RLN.load(model_path), progress=False)
+    assert np.abs(y - official).max() > 1e-3 * np.abs(expected).max()
+
+
 def test_interrupted_run_resumes_to_the_same_output(tmp_path, stack, model_path, monkeypatch):
     path, _ = stack
     ref = tmp_path / "ref.zarr"

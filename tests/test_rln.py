@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import rln_fast.deconvolve as deconvolve_mod
-from rln_fast.deconvolve import rln_deconvolve
+from rln_fast.deconvolve import norm_percentiles, rln_deconvolve
 from rln_fast.models import rln as rln_mod
 from rln_fast.models.rln import INTERMEDIATE_KEYS, RLN, FusedRLN
 
@@ -433,6 +433,47 @@ def test_percentiles_match_numpy(monkeypatch):
     np.testing.assert_allclose(deconvolve_mod._percentiles(v), expected, rtol=1e-12)
     monkeypatch.setattr(deconvolve_mod, "_QUANTILE_MAX", 0)  # the large-volume numpy path
     np.testing.assert_allclose(deconvolve_mod._percentiles(v), expected, rtol=1e-12)
+
+
+def test_percentiles_match_numpy_at_other_percentiles(monkeypatch):
+    v = torch.from_numpy(_volume(5, shape=(9, 11, 13)))
+    expected = np.percentile(v.numpy().astype(np.float64), [0.5, 99.99])
+    np.testing.assert_allclose(deconvolve_mod._percentiles(v, (0.5, 99.99)), expected, rtol=1e-12)
+    monkeypatch.setattr(deconvolve_mod, "_QUANTILE_MAX", 0)
+    np.testing.assert_allclose(deconvolve_mod._percentiles(v, (0.5, 99.99)), expected, rtol=1e-12)
+
+
+def test_model_norm_percentiles_from_metadata():
+    m = _random_model(seed=31)
+    assert norm_percentiles(m) == (0.01, 99.5)  # no record: the official inference script's
+    m.metadata["config"] = '{"norm_percentiles": [0.02, 99.9]}'  # rln_fast.train's config
+    assert norm_percentiles(m) == (0.02, 99.9) == norm_percentiles(m.fuse())
+    m.metadata["norm_percentiles"] = [0.01, 99.99]  # the explicit record wins
+    assert norm_percentiles(m) == (0.01, 99.99)
+    for bad in ([99.9, 0.01], [0.01, 101.0], ["a", 1.0], 5.0):
+        m.metadata["norm_percentiles"] = bad
+        with pytest.raises(ValueError, match="norm_percentiles"):
+            norm_percentiles(m)
+
+
+@pytest.mark.parametrize("tile", [None, (4, 6, 6)])
+def test_deconvolve_uses_the_model_percentiles(tile):
+    m = _random_model(seed=37)
+    m.metadata["norm_percentiles"] = [0.01, 99.99]
+    v = _volume(6, shape=(9, 12, 11))
+    mi, ma = np.percentile(v.astype(np.float64), [0.01, 99.99])
+    xn = (v - mi) / (ma - mi + 1e-20)
+    with torch.no_grad():
+        net = m(torch.from_numpy(xn.astype(np.float32))[None, None])[0, 0].numpy()
+    y = rln_deconvolve(v, m, normalize="official", tile=tile, progress=False)
+    np.testing.assert_allclose(y, net, rtol=1e-5, atol=1e-5 * np.abs(net).max())
+    g = rln_deconvolve(v, m, tile=tile, progress=False)
+    back = net * (ma - mi + 1e-20) + mi
+    np.testing.assert_allclose(g, back, rtol=1e-5, atol=1e-5 * np.abs(back).max())
+    # Not what the official percentiles give: the record is what changed the result.
+    del m.metadata["norm_percentiles"]
+    assert not np.allclose(rln_deconvolve(v, m, normalize="official", tile=tile, progress=False), y,
+                           rtol=1e-3, atol=1e-3 * np.abs(net).max())
 
 
 def test_missing_shipped_model_error():

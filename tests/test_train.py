@@ -152,6 +152,8 @@ def test_loss_decreases(tmp_path):
     assert isinstance(model, RLN) and not model.training
     saved = RLN.load(tmp_path / MODEL_NAME)
     assert saved.metadata["steps"] == 16
+    # The normalisation it trained with travels with it, for rln_deconvolve.
+    assert saved.metadata["norm_percentiles"] == list(c.norm_percentiles)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(saved.state_dict()[k], v.cpu(), rtol=0, atol=0)
 
