@@ -1,0 +1,73 @@
+"""scripts/evaluate_default_model.py: the measures the model card's numbers come from."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rln_fast import psf as psf_models
+
+_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "evaluate_default_model.py"
+
+
+@pytest.fixture(scope="module")
+def ev():
+    spec = importlib.util.spec_from_file_location("evaluate_default_model", _SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def psf():
+    return psf_models.gaussian((9, 11, 11), sigma=(2.0, 1.5, 1.5)).astype(np.float64)
+
+
+def _truth(shape=(24, 32, 32)) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    t = np.zeros(shape)
+    t[8:16, 10:22, 9:20] = rng.uniform(0.3, 1.0, (8, 12, 11))  # zero border: no edge effects
+    return t
+
+
+def test_scores_ignore_units(ev):
+    gt = _truth()
+    x = gt + np.random.default_rng(1).normal(0, 0.05, gt.shape)
+    a, b = ev.scores(x, gt), ev.scores(3.0 * x + 7.0, gt)
+    assert a["psnr"] == pytest.approx(b["psnr"], abs=1e-9)
+    assert a["ssim"] == pytest.approx(b["ssim"], abs=1e-9)
+    assert ev.scores(gt, gt)["psnr"] > 100
+
+
+def test_reblur_residual_is_zero_for_the_exact_answer_without_noise_or_haze(ev, psf):
+    gt = _truth()
+    clean = ev._circular_blur(gt, psf)
+    assert ev.reblur_residual(gt, clean, psf) < 1e-6
+    # Haze in the input that the answer rightly leaves out raises the measure.
+    hazy = clean + 0.2 * clean.max() * np.exp(-((np.arange(gt.shape[2]) - 5) / 6.0) ** 2)
+    assert ev.reblur_residual(gt, hazy, psf) > 0.05
+
+
+def test_semi_synthetic_pair_scales_and_noises_as_documented(ev, psf):
+    t = _truth()
+    gt, raw = ev.semi_synthetic_pair(t, psf, peak=400.0, background=20.0, haze=0.0, seed=3)
+    blurred = ev._circular_blur(gt, psf)
+    assert blurred.max() == pytest.approx(400.0, rel=1e-5)
+    # Poisson around blur + background: mean matches, variance ~ mean.
+    resid = raw - (np.clip(blurred, 0, None) + 20.0)
+    assert abs(resid.mean()) < 0.5
+    assert np.var(resid) == pytest.approx(np.mean(blurred + 20.0), rel=0.1)
+    again = ev.semi_synthetic_pair(t, psf, 400.0, 20.0, 0.0, 3)[1]
+    np.testing.assert_array_equal(raw, again)
+
+
+def test_background_stats_on_the_input_itself(ev):
+    rng = np.random.default_rng(2)
+    vol = rng.normal(100.0, 1.0, (10, 40, 40))
+    vol[:, 10:30, 10:30] += 1000.0  # the "nucleus": a quarter of the voxels
+    s = ev.background_stats(vol, vol)
+    assert s["nucleus_level"] == pytest.approx(1000.0 + 100.0 - np.percentile(vol, 0.01), rel=0.01)
+    assert 0 < s["bg_mean"] < 0.01 and s["bg_mean"] < s["bg_p999"] < 0.01
