@@ -230,8 +230,8 @@ def rln_deconvolve(
     device = torch.device(device)
     fused = _resolve_model(model, device)
     core = _tile_core(tuple(x.shape), tile, memory_budget, device)
-    # The percentiles do not change under flips: taken once for every member of the ensemble.
     q = norm_percentiles(fused)
+    # The percentiles do not change under flips: taken once for every member of the ensemble.
     if core != tuple(x.shape):
         mi, ma = _tiled_stats(x, normalize, progress, q)
         y = _ensemble(x, ensemble, lambda xm: _rln_tiled(xm, fused, core, mi, ma, normalize,

@@ -240,6 +240,12 @@ def background_stats(vol: np.ndarray, inp: np.ndarray) -> dict:
             "nucleus_level": nucleus}
 
 
+def _rl20(raw: np.ndarray, psf: np.ndarray) -> np.ndarray:
+    """RL-20 as issue 14 measured it on the DAPI stack: Biggs, no background term."""
+    return np.asarray(rl.richardson_lucy(raw, psf, 20, acceleration="biggs", background=0,
+                                         progress=False))
+
+
 def reblur_residual(vol: np.ndarray, inp: np.ndarray, psf: np.ndarray) -> float:
     """||a·(psf * vol) + b − input|| / ||input − offset||, a and b the least-squares fit (RLN's
     output units are not the input's), offset the input's 0.01st percentile."""
@@ -305,7 +311,8 @@ def main() -> None:
     args = ap.parse_args()
     if not 0 <= args.phantoms <= len(HELD_OUT_SEEDS):
         ap.error(f"--phantoms must be 0..{len(HELD_OUT_SEEDS)}")
-    low = norm_percentiles(RLN.load(args.model))[0]
+    model = RLN.load(args.model)
+    low = norm_percentiles(model)[0]
     if args.p_high is not None and not low < args.p_high <= 100:
         ap.error(f"--p-high must be in ({low}, 100]")
     out = Path(args.out_dir)
@@ -314,7 +321,6 @@ def main() -> None:
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
     pictures = not args.no_pictures
-    model = RLN.load(args.model)
     if args.p_high is not None:
         model.metadata["norm_percentiles"] = [low, args.p_high]
     psf = psf_models.born_wolf(PSF_SHAPE, VOXEL_SIZE, **PSF_ARGS).astype(np.float64)
@@ -352,8 +358,7 @@ def main() -> None:
         gt, raw = semi_synthetic_pair(truths[source], psf, peak, bg, haze, seed)
         row, y, rl_best = _compare(name, gt, raw, psf, model, cache, args.ensemble)
         # (c)'s re-blur residual where the truth is known: what the exact answer scores on it.
-        rl20 = np.asarray(rl.richardson_lucy(raw, psf, 20, acceleration="biggs", background=0,
-                                             progress=False))
+        rl20 = _rl20(raw, psf)
         row["reblur_residual"] = {k: reblur_residual(v, raw, psf)
                                   for k, v in (("truth", gt), ("rln", y), ("rl20", rl20))}
         rows.append({**row, "peak_photons": peak, "background": bg, "haze": haze, "shape": list(gt.shape)})
@@ -370,9 +375,7 @@ def main() -> None:
         import tifffile
 
         vol = tifffile.imread(dapi).astype(np.float32)
-        # RL-20 as the issue measured it: Biggs, no background term (the model card's numbers).
-        rl20 = np.asarray(rl.richardson_lucy(vol, psf, 20, acceleration="biggs", background=0,
-                                             progress=False))
+        rl20 = _rl20(vol, psf)
         y = rln_deconvolve(vol, model, ensemble=args.ensemble, progress=False)
         d = {"file": dapi.name, "shape": list(vol.shape), "rl_iterations": 20}
         for key, v in (("input", vol), ("rl20", rl20), ("rln", y)):
