@@ -1,6 +1,6 @@
 """Trains the default RLN shipped in rln_fast/weights/: the recipe, PSF and run settings, in one place.
 
-Usage: python scripts/train_default_model.py OUT_DIR [--steps N] [--crop S] [--volumes N]
+Usage: python scripts/train_default_model.py OUT_DIR [--steps N] [--crop S] [--volumes N] [--data-seed S]
        [--recipe official|microscopy|mixed|mixed_sparse] [--norm-scope crop|volume]
        [--norm-percentiles LOW HIGH]
        [--init MODEL.pt] [--lr LR] [--lr-hold N] [--lr-decay-steps N] [--augment]
@@ -24,6 +24,8 @@ from rln_fast.train import TrainConfig, train
 VOXEL_SIZE = (0.3, 0.13, 0.13)  # (dz, dy, dx) um
 PSF_ARGS = {"na": 1.45, "wavelength": 0.461, "ni": 1.512}
 PSF_SHAPE = (33, 65, 65)
+# The held-out phantoms of scripts/evaluate_default_model.py: never training data.
+EVALUATION_SEEDS = range(900_001, 900_009)
 
 
 def main() -> None:
@@ -32,6 +34,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10_000)
     ap.add_argument("--crop", type=int, default=64, help="cubic crop side (the recipe: 64)")
     ap.add_argument("--volumes", type=int, default=100)
+    ap.add_argument("--data-seed", type=int, default=0,
+                    help="training volume i is generated with seed data-seed + i (default 0)")
     ap.add_argument("--recipe", default="official", choices=["official", "microscopy", "mixed", "mixed_sparse"],
                     help="synthetic data (rln_fast.synth.phantom_pair's recipe)")
     ap.add_argument("--norm-scope", default="crop", choices=["crop", "volume"],
@@ -55,10 +59,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--device", default=None)
     args = ap.parse_args()
+    seeds = range(args.data_seed, args.data_seed + args.volumes)
+    if args.data_seed < 0 or (seeds.start < EVALUATION_SEEDS.stop and EVALUATION_SEEDS.start < seeds.stop):
+        ap.error(f"--data-seed {args.data_seed} with --volumes {args.volumes}: seeds must be >= 0 and "
+                 f"stay clear of the evaluation's held-out phantoms {EVALUATION_SEEDS.start}-"
+                 f"{EVALUATION_SEEDS.stop - 1}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     psf = psf_models.born_wolf(PSF_SHAPE, VOXEL_SIZE, **PSF_ARGS)
     config = TrainConfig(psf=psf, steps=args.steps, crop=(args.crop,) * 3, n_volumes=args.volumes,
+                         data_seed=args.data_seed,
                          cache_volumes=args.volumes, recipe=args.recipe, norm_scope=args.norm_scope,
                          norm_percentiles=tuple(args.norm_percentiles),
                          init_model=args.init, lr=args.lr, lr_hold=args.lr_hold,
