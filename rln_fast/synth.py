@@ -671,10 +671,14 @@ def microscopy_pair(
     seed: int = 0,
     device: str | torch.device | None = None,
     kind: str = "cells",
+    background_in_truth: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A training pair (gt, raw) that looks like a microscope stack; float32 numpy (z, y, x).
 
     kind: "cells" (``microscopy_object``) or "sparse" (``sparse_object``: beads and bars).
+    background_in_truth: False leaves the uneven background out of gt (it stays in raw), so
+    that a network learns to remove it as haze; the raw volume is the same either way (an
+    ablation in the model card; the recipes keep it in).
     The object and background are drawn taller than ``shape`` by
     the PSF's axial half-size above and below, so that objects outside the volume send
     out-of-focus haze into it. With P the peak photons (log-uniform 30-3000):
@@ -705,7 +709,8 @@ def microscopy_pair(
     k = photons / max(float(b.max()), 1e-12)
     crop = slice(margin, margin + shape_t[0])
     b = (b[crop] + torch.from_numpy(bg[crop]).to(dev, torch.float64)) * k
-    gt = _blur((o[crop] + torch.from_numpy(bg[crop]).to(dev, torch.float64)) * k)
+    gt = _blur((o[crop] + torch.from_numpy(bg[crop]).to(dev, torch.float64)) * k if background_in_truth
+               else o[crop] * k)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     counts = torch.poisson(b.cpu(), generator=gen)
     noise = torch.randn(shape_t, generator=gen, dtype=torch.float64) * read

@@ -210,6 +210,23 @@ def _gauss_psf() -> np.ndarray:
     return psf_models.gaussian((9, 9, 9), 1.0, sigma=(2.0, 1.0, 1.0))
 
 
+def test_microscopy_background_can_be_left_out_of_the_truth():
+    psf = _gauss_psf()
+    g_in, r_in = synth.microscopy_pair(psf, MICRO, seed=7)
+    g_out, r_out = synth.microscopy_pair(psf, MICRO, seed=7, background_in_truth=False)
+    np.testing.assert_array_equal(r_in, r_out)  # the microscope sees the same light
+    # The difference is the background alone: blurred, scaled like the object, positive.
+    diff = g_in.astype(np.float64) - g_out
+    assert diff.min() > 0 and diff.mean() > 0.01 * g_in.mean()
+    margin = psf.shape[0] // 2
+    tall = (MICRO[0] + 2 * margin, *MICRO[1:])
+    _, bg = synth.microscopy_object(tall, 7)
+    expect = bg[margin: margin + MICRO[0]].astype(np.float64)
+    inner = (slice(2, -2),) * 3  # away from the GT blur's zero padding
+    corr = np.corrcoef(diff[inner].ravel(), expect[inner].ravel())[0, 1]
+    assert corr > 0.99
+
+
 def test_microscopy_determinism_per_seed():
     psf = _gauss_psf()
     g1, r1 = synth.microscopy_pair(psf, MICRO, seed=5)

@@ -1,0 +1,50 @@
+"""Diagnostic: fine-tune with the microscopy volumes' uneven background left out of the truth.
+
+Usage: python scripts/diagnostics/no_background_truth.py OUT_DIR [--steps 600] [--init MODEL]
+
+The "mixed" recipe's microscopy volumes put their smooth, uneven background into the truth, so
+a network trained on them learns to keep smooth light, and the evaluation's haze is not part
+of its truths. This run fine-tunes MODEL (default: the shipped default.pt) on the same 192
+mixed volumes, seeds 0-191, with ``synth.microscopy_pair(..., background_in_truth=False)``
+(the raw volumes unchanged), at stage 4b's settings. Evaluate OUT_DIR/model.pt with
+``evaluate_default_model.py``; the result is in the model card (not shipped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from train_default_model import PSF_ARGS, PSF_SHAPE, VOXEL_SIZE  # noqa: E402
+
+from rln_fast import psf as psf_models  # noqa: E402
+from rln_fast import synth  # noqa: E402
+from rln_fast.deconvolve import norm_percentiles  # noqa: E402
+from rln_fast.models.rln import RLN  # noqa: E402
+from rln_fast.train import TrainConfig, train  # noqa: E402
+
+DEFAULT_INIT = Path(__file__).resolve().parents[2] / "rln_fast" / "weights" / "default.pt"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out_dir")
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--init", default=str(DEFAULT_INIT))
+    args = ap.parse_args()
+    # phantom_pair reaches microscopy_pair through the module, so this reaches training's data.
+    synth.microscopy_pair = functools.partial(synth.microscopy_pair, background_in_truth=False)
+    psf = psf_models.born_wolf(PSF_SHAPE, VOXEL_SIZE, **PSF_ARGS)
+    config = TrainConfig(psf=psf, steps=args.steps, crop=(64,) * 3, n_volumes=192, cache_volumes=192,
+                         recipe="mixed", norm_scope="volume",
+                         norm_percentiles=norm_percentiles(RLN.load(args.init)), init_model=args.init,
+                         lr=0.0005, lr_hold=200, lr_decay_steps=100, augment=True,
+                         checkpoint_every=50, val_every=10 ** 6, device="cpu")
+    train(config, args.out_dir, resume=True, progress=True)
+
+
+if __name__ == "__main__":
+    main()
