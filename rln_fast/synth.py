@@ -671,14 +671,14 @@ def microscopy_pair(
     seed: int = 0,
     device: str | torch.device | None = None,
     kind: str = "cells",
-    background_in_truth: bool = True,
+    background_in_truth: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A training pair (gt, raw) that looks like a microscope stack; float32 numpy (z, y, x).
 
     kind: "cells" (``microscopy_object``) or "sparse" (``sparse_object``: beads and bars).
-    background_in_truth: False leaves the uneven background out of gt (it stays in raw), so
-    that a network learns to remove it as haze; the raw volume is the same either way (an
-    ablation in the model card; the recipes keep it in).
+    background_in_truth: the fraction of the uneven background that gt holds, in [0, 1]: 1
+    (the recipes) keeps it all, 0 leaves it out so that a network learns to remove it as
+    haze. raw is the same whatever the fraction (ablations in the model card).
     The object and background are drawn taller than ``shape`` by
     the PSF's axial half-size above and below, so that objects outside the volume send
     out-of-focus haze into it. With P the peak photons (log-uniform 30-3000):
@@ -696,6 +696,9 @@ def microscopy_pair(
     tall = (shape_t[0] + 2 * margin, shape_t[1], shape_t[2])
     if kind not in ("cells", "sparse"):
         raise ValueError(f"kind must be 'cells' or 'sparse', got {kind!r}")
+    keep = float(background_in_truth)
+    if not 0.0 <= keep <= 1.0:
+        raise ValueError(f"background_in_truth must be in [0, 1], got {background_in_truth!r}")
     obj, bg = (microscopy_object if kind == "cells" else sparse_object)(tall, seed)
     rng = np.random.default_rng([seed, 1])  # camera draws, independent of the object's stream
     photons = _log_uniform(rng, *MICRO_PHOTONS)
@@ -709,8 +712,7 @@ def microscopy_pair(
     k = photons / max(float(b.max()), 1e-12)
     crop = slice(margin, margin + shape_t[0])
     b = (b[crop] + torch.from_numpy(bg[crop]).to(dev, torch.float64)) * k
-    gt = _blur((o[crop] + torch.from_numpy(bg[crop]).to(dev, torch.float64)) * k if background_in_truth
-               else o[crop] * k)
+    gt = _blur((o[crop] + keep * torch.from_numpy(bg[crop]).to(dev, torch.float64)) * k)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     counts = torch.poisson(b.cpu(), generator=gen)
     noise = torch.randn(shape_t, generator=gen, dtype=torch.float64) * read

@@ -225,6 +225,12 @@ def test_microscopy_background_can_be_left_out_of_the_truth():
     inner = (slice(2, -2),) * 3  # away from the GT blur's zero padding
     corr = np.corrcoef(diff[inner].ravel(), expect[inner].ravel())[0, 1]
     assert corr > 0.99
+    half, r_half = synth.microscopy_pair(psf, MICRO, seed=7, background_in_truth=0.5)
+    np.testing.assert_array_equal(r_half, r_in)
+    np.testing.assert_allclose(g_in.astype(np.float64) - half, diff / 2, atol=1e-3 * float(g_in.max()))
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="background_in_truth"):
+            synth.microscopy_pair(psf, MICRO, seed=7, background_in_truth=bad)
 
 
 def test_microscopy_determinism_per_seed():

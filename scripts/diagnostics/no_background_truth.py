@@ -1,12 +1,14 @@
 """Diagnostic: fine-tune with the microscopy volumes' uneven background left out of the truth.
 
 Usage: python scripts/diagnostics/no_background_truth.py OUT_DIR [--steps 600] [--init MODEL]
+       [--background-in-truth F]
 
 The "mixed" recipe's microscopy volumes put their smooth, uneven background into the truth, so
 a network trained on them learns to keep smooth light, and the evaluation's haze is not part
 of its truths. This run fine-tunes MODEL (default: the shipped default.pt) on the same 192
-mixed volumes, seeds 0-191, with ``synth.microscopy_pair(..., background_in_truth=False)``
-(the raw volumes unchanged), at stage 4b's settings. Evaluate OUT_DIR/model.pt with
+mixed volumes, seeds 0-191, with ``synth.microscopy_pair(..., background_in_truth=F)``
+(default 0: none of the background in the truth; the raw volumes unchanged), at stage 4b's
+settings. Evaluate OUT_DIR/model.pt with
 ``evaluate_default_model.py``; the result is in the model card (not shipped).
 """
 
@@ -34,9 +36,12 @@ def main() -> None:
     ap.add_argument("out_dir")
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--init", default=str(DEFAULT_INIT))
+    ap.add_argument("--background-in-truth", type=float, default=0.0,
+                    help="the fraction of the background the truths keep (the recipe: 1)")
     args = ap.parse_args()
     # phantom_pair reaches microscopy_pair through the module, so this reaches training's data.
-    synth.microscopy_pair = functools.partial(synth.microscopy_pair, background_in_truth=False)
+    synth.microscopy_pair = functools.partial(synth.microscopy_pair,
+                                              background_in_truth=args.background_in_truth)
     psf = psf_models.born_wolf(PSF_SHAPE, VOXEL_SIZE, **PSF_ARGS)
     config = TrainConfig(psf=psf, steps=args.steps, crop=(64,) * 3, n_volumes=192, cache_volumes=192,
                          recipe="mixed", norm_scope="volume",
