@@ -1,14 +1,14 @@
 """Diagnostic: fine-tune with the microscopy volumes' uneven background left out of the truth.
 
 Usage: python scripts/diagnostics/no_background_truth.py OUT_DIR [--steps 600] [--init MODEL]
-       [--background-in-truth F]
+       [--background-in-truth F|random]
 
 The "mixed" recipe's microscopy volumes put their smooth, uneven background into the truth, so
 a network trained on them learns to keep smooth light, and the evaluation's haze is not part
 of its truths. This run fine-tunes MODEL (default: the shipped default.pt) on the same 192
 mixed volumes, seeds 0-191, with ``synth.microscopy_pair(..., background_in_truth=F)``
-(default 0: none of the background in the truth; the raw volumes unchanged), at stage 4b's
-settings. Evaluate OUT_DIR/model.pt with
+(default 0: none of the background in the truth; "random": a fraction per volume, uniform in
+[0, 1], drawn from the volume's seed; the raw volumes unchanged), at stage 4b's settings. Evaluate OUT_DIR/model.pt with
 ``evaluate_default_model.py``; the result is in the model card (not shipped).
 """
 
@@ -18,6 +18,8 @@ import argparse
 import functools
 import sys
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from train_default_model import PSF_ARGS, PSF_SHAPE, VOXEL_SIZE  # noqa: E402
@@ -36,12 +38,20 @@ def main() -> None:
     ap.add_argument("out_dir")
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--init", default=str(DEFAULT_INIT))
-    ap.add_argument("--background-in-truth", type=float, default=0.0,
-                    help="the fraction of the background the truths keep (the recipe: 1)")
+    ap.add_argument("--background-in-truth", default="0",
+                    help="the fraction of the background the truths keep (the recipe: 1), or "
+                         "'random' for one per volume")
     args = ap.parse_args()
     # phantom_pair reaches microscopy_pair through the module, so this reaches training's data.
-    synth.microscopy_pair = functools.partial(synth.microscopy_pair,
-                                              background_in_truth=args.background_in_truth)
+    pair = synth.microscopy_pair
+    if args.background_in_truth == "random":
+        def per_volume(psf, shape, seed, device=None, kind="cells"):
+            keep = float(np.random.default_rng([seed, 7]).uniform())
+            return pair(psf, shape, seed, device, kind, background_in_truth=keep)
+
+        synth.microscopy_pair = per_volume
+    else:
+        synth.microscopy_pair = functools.partial(pair, background_in_truth=float(args.background_in_truth))
     psf = psf_models.born_wolf(PSF_SHAPE, VOXEL_SIZE, **PSF_ARGS)
     config = TrainConfig(psf=psf, steps=args.steps, crop=(64,) * 3, n_volumes=192, cache_volumes=192,
                          recipe="mixed", norm_scope="volume",
