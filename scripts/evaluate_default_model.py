@@ -41,19 +41,22 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 
-from rln_fast import psf as psf_models
-from rln_fast import rl, synth
-from rln_fast.deconvolve import norm_percentiles, rln_deconvolve
-from rln_fast.models.rln import RLN
+# The model's PSF and the held-out seeds come from the training script, so that the two cannot
+# drift apart (it refuses those seeds as training data).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_default_model import EVALUATION_SEEDS, PSF_ARGS, PSF_SHAPE, VOXEL_SIZE  # noqa: E402
 
-VOXEL_SIZE = (0.3, 0.13, 0.13)
-PSF_ARGS = {"na": 1.45, "wavelength": 0.461, "ni": 1.512}
-PSF_SHAPE = (33, 65, 65)
-HELD_OUT_SEEDS = [900_001 + i for i in range(8)]  # train_default_model.py refuses them as data seeds
+from rln_fast import psf as psf_models  # noqa: E402
+from rln_fast import rl, synth  # noqa: E402
+from rln_fast.deconvolve import norm_percentiles, rln_deconvolve  # noqa: E402
+from rln_fast.models.rln import RLN  # noqa: E402
+
+HELD_OUT_SEEDS = list(EVALUATION_SEEDS)
 RL_ITERATIONS = [10, 20, 40, 80, 120, 200, 300]
 # The object region of the scores "inside the object": the truth above this fraction of its
 # maximum (the nucleus, the bars, the bead), without the background around it.

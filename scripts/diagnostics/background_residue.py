@@ -3,7 +3,7 @@
 Usage: python scripts/diagnostics/background_residue.py MODEL [MODEL ...] [--cache DIR]
 
 For each model and both semi-synthetic nuclei of ``evaluate_default_model.py``: SSIM's map
-averaged inside the nucleus (truth > 0.2 of its maximum), in the background (truth < 0.02 of
+averaged inside the nucleus (the evaluation's ``object_region``: truth > 0.2 of its maximum), in the background (truth < 0.02 of
 it) and between, after the evaluation's whole-volume affine fit; and, in the background, the
 error's SD against the part of it that follows the noise (the SD of the difference between
 the outputs for two noise draws, seeds as in the evaluation and 77, divided by √2). RL at its
@@ -31,7 +31,7 @@ def split(x: np.ndarray, gt: np.ndarray) -> dict:
 
     f, g = ev._fit(x, gt), gt.astype(np.float64)
     _, m = structural_similarity(f, g, data_range=float(g.max() - g.min()), full=True)
-    inside, background = g > 0.2 * g.max(), g < 0.02 * g.max()
+    inside, background = ev.object_region(g), g < 0.02 * g.max()
     between = ~inside & ~background
     return {"ssim_inside": float(m[inside].mean()), "ssim_background": float(m[background].mean()),
             "ssim_between": float(m[between].mean()), "background_fraction": float(background.mean()),
