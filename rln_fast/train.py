@@ -28,6 +28,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -114,6 +115,8 @@ class TrainConfig:
     augment: bool = False
     gain_augment: float = 1.0
     gain_weighted: bool = False
+    # model constraint
+    flip_symmetric: bool = False
     # loss
     e1_weight: float = 0.1
     e1_gt_fraction: float = 0.8
@@ -184,6 +187,30 @@ class TrainConfig:
 
 
 # --------------------------------------------------------------------------- recipe parts
+
+
+def flip_symmetrize(w: torch.Tensor) -> torch.Tensor:
+    """The mean of a conv weight [.., .., kz, ky, kx] over its 8 flips of the three spatial axes."""
+    out = torch.zeros_like(w)
+    for flips in itertools.product((False, True), repeat=3):
+        dims = [2 + i for i, f in enumerate(flips) if f]
+        out += w.flip(dims) if dims else w
+    return out / 8.0
+
+
+def _make_flip_symmetric(model: RLN) -> None:
+    """Make every conv kernel of ``model`` flip-symmetric and keep it so under training.
+
+    The weights are replaced by their flip means and their gradients are flip-averaged by a
+    hook; Adam's elementwise update then keeps them symmetric. With symmetric kernels the RLN
+    commutes with flips of the volume's axes (exactly for even sizes, where the half-resolution
+    branch's 2×2×2 pooling grid is flip-invariant): what ``ensemble=8`` averages at 8× the cost.
+    """
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 5:
+                p.copy_(flip_symmetrize(p))
+                p.register_hook(flip_symmetrize)
 
 
 def learning_rate(step: int, config: TrainConfig | None = None) -> float:
@@ -599,6 +626,9 @@ def _load_checkpoint(path: Path, c: TrainConfig, device: torch.device) -> dict[s
     if blob.get("version") != _CKPT_VERSION:
         raise ValueError(f"{path}: checkpoint version {blob.get('version')!r}, expected {_CKPT_VERSION}")
     old, new = json.loads(blob["config"]), _fingerprint(c)
+    # A field added after the checkpoint was written stands at its default there.
+    defaults = _fingerprint(TrainConfig())
+    old = {**{k: defaults[k] for k in set(new) - set(old) if k in defaults}, **old}
     diff = sorted(k for k in set(old) | set(new)
                   if k not in _RESUME_FREE and old.get(k) != new.get(k))
     if diff:
@@ -635,6 +665,8 @@ def train(
     model.reset_parameters(generator=torch.Generator().manual_seed(c.seed))
     if c.init_model is not None:
         model.load_state_dict(RLN.load(c.init_model).state_dict())
+    if c.flip_symmetric:
+        _make_flip_symmetric(model)
     model.to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=c.lr, betas=c.betas, eps=c.adam_eps)
     volumes = _Volumes(c)

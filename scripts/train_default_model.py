@@ -53,6 +53,9 @@ def main() -> None:
                          "(not the recipe; needs --norm-scope volume)")
     ap.add_argument("--gain-weighted", action="store_true",
                     help="with --gain-augment, score each crop's loss divided by its gain (not the recipe)")
+    ap.add_argument("--flip-symmetric", action="store_true",
+                    help="keep every conv kernel symmetric under flips of z, y and x, so that the "
+                         "network commutes with flips of the volume (not the recipe)")
     ap.add_argument("--augment", action="store_true",
                     help="random flips and (y, x) quarter turns of the crops (not the recipe)")
     ap.add_argument("--val-every", type=int, default=500)
@@ -74,6 +77,7 @@ def main() -> None:
                          init_model=args.init, lr=args.lr, lr_hold=args.lr_hold,
                          lr_decay_steps=args.lr_decay_steps, augment=args.augment,
                          gain_augment=args.gain_augment, gain_weighted=args.gain_weighted,
+                         flip_symmetric=args.flip_symmetric,
                          checkpoint_every=50,
                          val_every=args.val_every, device=args.device)
     train(config, args.out_dir, resume=True, progress=True)

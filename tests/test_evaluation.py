@@ -101,7 +101,15 @@ def test_scores_inside_the_object_leave_the_background_out(ev):
     assert inside["psnr"] > outside["psnr"] + 15 and inside["ssim"] > 0.99 > outside["ssim"]
 
 
-@pytest.mark.parametrize("name", ["rl_from_rln", "sparse_capacity", "background_residue", "no_background_truth"])
+_DIAGNOSTICS = sorted(p.stem for p in (_SCRIPT.parent / "diagnostics").glob("*.py"))
+
+
+def test_the_diagnostics_are_found():
+    assert {"rl_from_rln", "sparse_capacity", "background_residue", "no_background_truth",
+            "distill_flip_ensemble"} <= set(_DIAGNOSTICS)
+
+
+@pytest.mark.parametrize("name", _DIAGNOSTICS)
 def test_the_model_cards_diagnostics_still_import_and_parse(name):
     import subprocess
     import sys

@@ -24,6 +24,7 @@ from rln_fast.train import (
     _Stream,
     _unscale,
     _Volumes,
+    flip_symmetrize,
     global_ssim,
     learning_rate,
     normalize_crop,
@@ -294,3 +295,58 @@ def test_microscopy_recipe_trains(tmp_path):
     train(c, tmp_path, progress=False)
     val = _rows(tmp_path / VAL_CSV)
     assert [r["step"] for r in val] == ["2"] and math.isfinite(float(val[0]["psnr"]))
+
+
+def _flip_error(model: RLN, shape=(1, 1, 16, 20, 24)) -> float:
+    """Largest |model(flip(x)) flipped back − model(x)| over the three axis flips and all of them,
+    relative to the output's largest value."""
+    x = torch.rand(*shape, generator=torch.Generator().manual_seed(5))
+    model.eval()
+    with torch.no_grad():
+        y = model(x)
+        err = max(float((model(x.flip(d)).flip(d) - y).abs().max()) for d in ([2], [3], [4], [2, 3, 4]))
+        return err / float(y.abs().max())
+
+
+def test_flip_symmetrize_is_a_projection():
+    w = torch.randn(4, 3, 3, 3, 3, generator=torch.Generator().manual_seed(0))
+    s = flip_symmetrize(w)
+    for d in ([2], [3], [4]):
+        torch.testing.assert_close(s.flip(d), s, rtol=0, atol=1e-6)
+    torch.testing.assert_close(flip_symmetrize(s), s, rtol=0, atol=1e-6)
+    assert not torch.allclose(s, w)
+
+
+def test_flip_symmetric_training_keeps_the_network_flip_equivariant(tmp_path):
+    c = _tiny(steps=3, n_val=0, norm_scope="volume", flip_symmetric=True, augment=True)
+    model = train(c, tmp_path / "sym", progress=False)
+    for name, p in model.named_parameters():
+        if p.dim() == 5:
+            for d in ([2], [3], [4]):
+                torch.testing.assert_close(p.detach().flip(d), p.detach(), rtol=0, atol=1e-6,
+                                           msg=f"{name} is not symmetric under the flip of dim {d}")
+    assert _flip_error(model) < 1e-5
+    # The same run without the constraint is not equivariant: the check above can fail.
+    free = train(dataclasses.replace(c, flip_symmetric=False), tmp_path / "free", progress=False)
+    assert _flip_error(free) > 1e-3
+    # And it resumes bit for bit (the hook is set again on the fresh model).
+    split = tmp_path / "split"
+    train(dataclasses.replace(c, steps=2), split, progress=False)
+    resumed = train(c, split, progress=False)
+    for a, b in zip(model.state_dict().values(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_checkpoint_from_before_a_new_config_field_resumes(tmp_path):
+    import json as _json
+
+    c = _tiny(steps=2, n_val=0, checkpoint_every=1)
+    train(dataclasses.replace(c, steps=1), tmp_path, progress=False)
+    blob = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    old = _json.loads(blob["config"])
+    del old["flip_symmetric"]  # as written before the field existed
+    blob["config"] = _json.dumps(old)
+    torch.save(blob, tmp_path / CHECKPOINT_NAME)
+    assert train(c, tmp_path, progress=False).metadata["steps"] == 2
+    with pytest.raises(ValueError, match="flip_symmetric"):  # the default is what it stood at
+        train(dataclasses.replace(c, steps=3, flip_symmetric=True), tmp_path, progress=False)
