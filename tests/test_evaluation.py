@@ -106,7 +106,7 @@ _DIAGNOSTICS = sorted(p.stem for p in (_SCRIPT.parent / "diagnostics").glob("*.p
 
 def test_the_diagnostics_are_found():
     assert {"rl_from_rln", "sparse_capacity", "background_residue", "no_background_truth",
-            "distill_flip_ensemble"} <= set(_DIAGNOSTICS)
+            "distill_flip_ensemble", "average_weights"} <= set(_DIAGNOSTICS)
 
 
 @pytest.mark.parametrize("name", _DIAGNOSTICS)

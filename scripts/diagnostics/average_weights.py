@@ -1,0 +1,48 @@
+"""Diagnostic: RLNs made by averaging weights, for the model card's runs 7 and 8a.
+
+Usage: python scripts/diagnostics/average_weights.py OUT.pt --mix A.pt B.pt ALPHA
+       python scripts/diagnostics/average_weights.py OUT.pt --flip-average MODEL.pt
+
+--mix: every weight and batch-norm statistic (1 − ALPHA)·A + ALPHA·B; B's metadata (so its
+normalisation percentiles). Meaningful when B was fine-tuned from A, as the default model's
+stages were from stage 1.
+--flip-average: every conv kernel of MODEL replaced by its mean over the 8 flips of its
+three spatial axes (``rln_fast.train.flip_symmetrize``), batch norms kept: the network then
+commutes with flips of an even-sized volume.
+Evaluate OUT.pt with ``evaluate_default_model.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from rln_fast.models.rln import RLN
+from rln_fast.train import flip_symmetrize
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out")
+    group = ap.add_mutually_exclusive_group(required=True)
+    group.add_argument("--mix", nargs=3, metavar=("A", "B", "ALPHA"))
+    group.add_argument("--flip-average", metavar="MODEL")
+    args = ap.parse_args()
+    if args.mix:
+        a, b, alpha = RLN.load(args.mix[0]), RLN.load(args.mix[1]), float(args.mix[2])
+        if not 0.0 <= alpha <= 1.0:
+            ap.error(f"ALPHA must be in [0, 1], got {alpha}")
+        sa, sb = a.state_dict(), b.state_dict()
+        mixed = {k: (1 - alpha) * sa[k] + alpha * sb[k] if sb[k].is_floating_point() else sb[k] for k in sb}
+        b.load_state_dict(mixed)
+        b.metadata = {**b.metadata, "weight_average": f"{1 - alpha:g} x {args.mix[0]} + {alpha:g} x {args.mix[1]}"}
+        out = b
+    else:
+        out = RLN.load(args.flip_average)
+        state = {k: flip_symmetrize(v) if v.dim() == 5 else v for k, v in out.state_dict().items()}
+        out.load_state_dict(state)
+        out.metadata = {**out.metadata, "flip_averaged_kernels": True}
+    out.save(args.out)
+
+
+if __name__ == "__main__":
+    main()
