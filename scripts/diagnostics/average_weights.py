@@ -1,23 +1,33 @@
 """Diagnostic: RLNs made by averaging weights, for the model card's runs 7 and 8a.
 
 Usage: python scripts/diagnostics/average_weights.py OUT.pt --mix A.pt B.pt ALPHA
-       python scripts/diagnostics/average_weights.py OUT.pt --flip-average MODEL.pt
+       python scripts/diagnostics/average_weights.py OUT.pt --flip-average MODEL.pt [--axes z,y,x]
 
 --mix: every weight and batch-norm statistic (1 − ALPHA)·A + ALPHA·B; B's metadata (so its
 normalisation percentiles). Meaningful when B was fine-tuned from A, as the default model's
 stages were from stage 1.
 --flip-average: every conv kernel of MODEL replaced by its mean over the 8 flips of its
 three spatial axes (``rln_fast.train.flip_symmetrize``), batch norms kept: the network then
-commutes with flips of an even-sized volume.
+commutes with flips of an even-sized volume. --axes z (or y,x) averages over the flips of
+those axes only.
 Evaluate OUT.pt with ``evaluate_default_model.py``.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 
 from rln_fast.models.rln import RLN
 from rln_fast.train import flip_symmetrize
+
+
+def _flip_mean(w, dims: list[int]):
+    """The mean of w over every combination of flips of ``dims`` (all three: flip_symmetrize)."""
+    if sorted(dims) == [2, 3, 4]:
+        return flip_symmetrize(w)
+    subsets = [list(c) for r in range(len(dims) + 1) for c in itertools.combinations(dims, r)]
+    return sum(w.flip(c) if c else w for c in subsets) / len(subsets)
 
 
 def main() -> None:
@@ -26,6 +36,7 @@ def main() -> None:
     group = ap.add_mutually_exclusive_group(required=True)
     group.add_argument("--mix", nargs=3, metavar=("A", "B", "ALPHA"))
     group.add_argument("--flip-average", metavar="MODEL")
+    ap.add_argument("--axes", default="z,y,x", help="with --flip-average: the axes whose flips are averaged")
     args = ap.parse_args()
     if args.mix:
         a, b, alpha = RLN.load(args.mix[0]), RLN.load(args.mix[1]), float(args.mix[2])
@@ -37,10 +48,14 @@ def main() -> None:
         b.metadata = {**b.metadata, "weight_average": f"{1 - alpha:g} x {args.mix[0]} + {alpha:g} x {args.mix[1]}"}
         out = b
     else:
+        names = args.axes.split(",")
+        if not names or any(a not in ("z", "y", "x") for a in names) or len(set(names)) != len(names):
+            ap.error(f"--axes: distinct names from z, y, x separated by commas, got {args.axes!r}")
+        dims = [2 + "zyx".index(a) for a in names]
         out = RLN.load(args.flip_average)
-        state = {k: flip_symmetrize(v) if v.dim() == 5 else v for k, v in out.state_dict().items()}
+        state = {k: _flip_mean(v, dims) if v.dim() == 5 else v for k, v in out.state_dict().items()}
         out.load_state_dict(state)
-        out.metadata = {**out.metadata, "flip_averaged_kernels": True}
+        out.metadata = {**out.metadata, "flip_averaged_kernels": args.axes}
     out.save(args.out)
 
 
