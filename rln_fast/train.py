@@ -115,7 +115,8 @@ class TrainConfig:
     augment: bool = False
     gain_augment: float = 1.0
     gain_weighted: bool = False
-    # model constraint
+    # model constraint (not the recipe): every conv kernel kept equal to its mirror images in
+    # z, y and x, so that the network commutes with flips of even-sized volumes
     flip_symmetric: bool = False
     # loss
     e1_weight: float = 0.1
