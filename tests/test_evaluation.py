@@ -118,3 +118,28 @@ def test_the_model_cards_diagnostics_still_import_and_parse(name):
     done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "usage:" in done.stdout and "Diagnostic" in done.stdout
+
+
+def test_the_shipped_model_is_stage_4b_moved_towards_its_flip_means(tmp_path):
+    """The model card's stage 5 command rebuilds default.pt exactly from the kept stage 4b."""
+    import json
+    import subprocess
+    import sys
+
+    import torch
+
+    from rln_fast.models.rln import RLN
+
+    root = _SCRIPT.parents[1]
+    stage4b = root / "benchmarks" / "results" / "rln_stage4b_p9999_mixed_1400.pt"
+    out = tmp_path / "stage5.pt"
+    done = subprocess.run([sys.executable, str(root / "scripts" / "diagnostics" / "average_weights.py"),
+                           str(out), "--toward-flip-average", str(stage4b), "0.03"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    rebuilt, shipped, before = RLN.load(out), RLN.from_pretrained(), RLN.load(stage4b)
+    for name, value in shipped.state_dict().items():
+        assert torch.equal(rebuilt.state_dict()[name], value), name
+    assert not torch.equal(before.e1, shipped.e1)  # the edit did change the kernels
+    assert shipped.metadata["toward_flip_average"] == 0.03
+    assert json.loads(shipped.metadata["stages"])[-1].startswith("5: this model")
