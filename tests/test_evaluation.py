@@ -120,8 +120,9 @@ def test_the_model_cards_diagnostics_still_import_and_parse(name):
     assert "usage:" in done.stdout and "Diagnostic" in done.stdout
 
 
-def test_the_shipped_model_is_stage_4b_moved_towards_its_flip_means(tmp_path):
-    """The model card's stage 5 command rebuilds default.pt exactly from the kept stage 4b."""
+def test_stage_5_is_stage_4b_moved_towards_its_flip_means_and_the_default_starts_from_it(tmp_path):
+    """The model card's stage 5 command rebuilds the kept stage 5 exactly from the kept stage 4b,
+    and the shipped default (stage 6) records stage 5 as the start of its training."""
     import json
     import subprocess
     import sys
@@ -131,15 +132,19 @@ def test_the_shipped_model_is_stage_4b_moved_towards_its_flip_means(tmp_path):
     from rln_fast.models.rln import RLN
 
     root = _SCRIPT.parents[1]
-    stage4b = root / "benchmarks" / "results" / "rln_stage4b_p9999_mixed_1400.pt"
+    results = root / "benchmarks" / "results"
+    stage4b, stage5 = results / "rln_stage4b_p9999_mixed_1400.pt", results / "rln_stage5_4b_flip010.pt"
     out = tmp_path / "stage5.pt"
     done = subprocess.run([sys.executable, str(root / "scripts" / "diagnostics" / "average_weights.py"),
-                           str(out), "--toward-flip-average", str(stage4b), "0.03"],
+                           str(out), "--toward-flip-average", str(stage4b), "0.1"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    rebuilt, shipped, before = RLN.load(out), RLN.from_pretrained(), RLN.load(stage4b)
-    for name, value in shipped.state_dict().items():
+    rebuilt, kept, before = RLN.load(out), RLN.load(stage5), RLN.load(stage4b)
+    for name, value in kept.state_dict().items():
         assert torch.equal(rebuilt.state_dict()[name], value), name
-    assert not torch.equal(before.e1, shipped.e1)  # the edit did change the kernels
-    assert shipped.metadata["toward_flip_average"] == 0.03
-    assert json.loads(shipped.metadata["stages"])[-1].startswith("5: this model")
+    assert not torch.equal(before.e1, kept.e1)  # the edit did change the kernels
+    shipped = RLN.from_pretrained()
+    assert json.loads(shipped.metadata["config"])["init_model"] == "benchmarks/results/rln_stage5_4b_flip010.pt"
+    stages = json.loads(shipped.metadata["stages"])
+    assert stages[-2].startswith("5: benchmarks/results/rln_stage5_4b_flip010.pt") and stages[-1].startswith("6: this model")
+    assert not torch.equal(shipped.e1, kept.e1)  # and it was trained from there
