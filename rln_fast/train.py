@@ -190,13 +190,14 @@ class TrainConfig:
 # --------------------------------------------------------------------------- recipe parts
 
 
-def flip_symmetrize(w: torch.Tensor) -> torch.Tensor:
-    """The mean of a conv weight [.., .., kz, ky, kx] over its 8 flips of the three spatial axes."""
+def flip_symmetrize(w: torch.Tensor, dims: Sequence[int] = (2, 3, 4)) -> torch.Tensor:
+    """The mean of a conv weight [.., .., kz, ky, kx] over its flips of ``dims``: every
+    combination of them, 8 for the default three spatial axes."""
     out = torch.zeros_like(w)
-    for flips in itertools.product((False, True), repeat=3):
-        dims = [2 + i for i, f in enumerate(flips) if f]
-        out += w.flip(dims) if dims else w
-    return out / 8.0
+    for flips in itertools.product((False, True), repeat=len(dims)):
+        flipped = [d for d, f in zip(dims, flips, strict=True) if f]
+        out += w.flip(flipped) if flipped else w
+    return out / 2 ** len(dims)
 
 
 def _make_flip_symmetric(model: RLN) -> None:

@@ -49,9 +49,8 @@ import numpy as np
 # The model's PSF and the held-out seeds come from the training script, so that the two cannot
 # drift apart (it refuses those seeds as training data).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_default_model import EVALUATION_SEEDS, PSF_ARGS, PSF_SHAPE, VOXEL_SIZE  # noqa: E402
+from train_default_model import EVALUATION_SEEDS, model_psf  # noqa: E402
 
-from rln_fast import psf as psf_models  # noqa: E402
 from rln_fast import rl, synth  # noqa: E402
 from rln_fast.deconvolve import norm_percentiles, rln_deconvolve  # noqa: E402
 from rln_fast.models.rln import RLN  # noqa: E402
@@ -70,6 +69,11 @@ SEMI_SYNTHETIC = [
     ("flowdec_bars", "bars", 400.0, 20.0, 0.15, 3),
     ("flowdec_beads", "beads", 400.0, 20.0, 0.15, 4),
 ]
+
+
+def evaluation_psf() -> np.ndarray:
+    """The default model's PSF (``train_default_model.model_psf``) in float64, as every score here uses it."""
+    return model_psf().astype(np.float64)
 
 
 def _fit(x: np.ndarray, gt: np.ndarray, region: np.ndarray | None = None) -> np.ndarray:
@@ -350,7 +354,7 @@ def main() -> None:
     pictures = not args.no_pictures
     if args.p_high is not None:
         model.metadata["norm_percentiles"] = [low, args.p_high]
-    psf = psf_models.born_wolf(PSF_SHAPE, VOXEL_SIZE, **PSF_ARGS).astype(np.float64)
+    psf = evaluation_psf()
     result = {"model": str(args.model), "metadata": model.metadata,
               "norm_percentiles": list(norm_percentiles(model))}
     if args.p_high is not None:

@@ -15,10 +15,14 @@ The shipped default.pt: see rln_fast/weights/README.md for the exact command lin
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from rln_fast import psf as psf_models
+from rln_fast.deconvolve import norm_percentiles
+from rln_fast.models.rln import RLN
 from rln_fast.train import TrainConfig, train
 
 VOXEL_SIZE = (0.3, 0.13, 0.13)  # (dz, dy, dx) um
@@ -26,6 +30,24 @@ PSF_ARGS = {"na": 1.45, "wavelength": 0.461, "ni": 1.512}
 PSF_SHAPE = (33, 65, 65)
 # The held-out phantoms of scripts/evaluate_default_model.py: never training data.
 EVALUATION_SEEDS = range(900_001, 900_009)
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "rln_fast" / "weights" / "default.pt"
+
+
+def model_psf() -> np.ndarray:
+    """The PSF the default model is trained and evaluated with (Born-Wolf, see the docstring)."""
+    return psf_models.born_wolf(PSF_SHAPE, VOXEL_SIZE, **PSF_ARGS)
+
+
+def stage4b_fine_tune(init: str | Path, steps: int, **overrides) -> TrainConfig:
+    """Stage 4b's fine-tuning settings, started from ``init`` (192 mixed volumes, 64³ crops,
+    flips, the volume normalised by init's percentiles, lr 0.0005 x0.95 per 100 after 200),
+    with ``overrides`` replacing any field: the model card's diagnostic runs."""
+    settings = dict(psf=model_psf(), steps=steps, crop=(64,) * 3, n_volumes=192, cache_volumes=192,
+                    recipe="mixed", norm_scope="volume", norm_percentiles=norm_percentiles(RLN.load(init)),
+                    init_model=str(init), lr=0.0005, lr_hold=200, lr_decay_steps=100, augment=True,
+                    checkpoint_every=50, val_every=10 ** 6, device="cpu")
+    settings.update(overrides)
+    return TrainConfig(**settings)
 
 
 def main() -> None:
@@ -69,7 +91,7 @@ def main() -> None:
                  f"{EVALUATION_SEEDS.stop - 1}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    psf = psf_models.born_wolf(PSF_SHAPE, VOXEL_SIZE, **PSF_ARGS)
+    psf = model_psf()
     config = TrainConfig(psf=psf, steps=args.steps, crop=(args.crop,) * 3, n_volumes=args.volumes,
                          data_seed=args.data_seed,
                          cache_volumes=args.volumes, recipe=args.recipe, norm_scope=args.norm_scope,

@@ -28,14 +28,6 @@ from rln_fast.models.rln import RLN
 from rln_fast.train import flip_symmetrize
 
 
-def _flip_mean(w, dims: list[int]):
-    """The mean of w over every combination of flips of ``dims`` (all three: flip_symmetrize)."""
-    if sorted(dims) == [2, 3, 4]:
-        return flip_symmetrize(w)
-    subsets = [list(c) for r in range(len(dims) + 1) for c in itertools.combinations(dims, r)]
-    return sum(w.flip(c) if c else w for c in subsets) / len(subsets)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out")
@@ -79,7 +71,7 @@ def main() -> None:
             ap.error(f"--axes: distinct names from z, y, x separated by commas, got {args.axes!r}")
         dims = [2 + "zyx".index(a) for a in names]
         out = RLN.load(args.flip_average)
-        state = {k: _flip_mean(v, dims) if v.dim() == 5 else v for k, v in out.state_dict().items()}
+        state = {k: flip_symmetrize(v, dims) if v.dim() == 5 else v for k, v in out.state_dict().items()}
         out.load_state_dict(state)
         out.metadata = {**out.metadata, "flip_averaged_kernels": args.axes}
     out.save(args.out)

@@ -21,7 +21,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import evaluate_default_model as ev  # noqa: E402
 
-from rln_fast import psf as psf_models  # noqa: E402
 from rln_fast.deconvolve import rln_deconvolve  # noqa: E402
 from rln_fast.models.rln import RLN  # noqa: E402
 
@@ -45,7 +44,7 @@ def main() -> None:
     ap.add_argument("--cache", default=None, help="the evaluation's cache")
     args = ap.parse_args()
     cache = Path(args.cache) if args.cache else None
-    psf = psf_models.born_wolf(ev.PSF_SHAPE, ev.VOXEL_SIZE, **ev.PSF_ARGS).astype(np.float64)
+    psf = ev.evaluation_psf()
     truths = ev._truths(Path(args.data), psf, cache)
     for name, src, peak, bg, haze, seed in ev.SEMI_SYNTHETIC[:2]:
         if src not in truths:

@@ -24,22 +24,19 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from train_default_model import PSF_ARGS, PSF_SHAPE, VOXEL_SIZE  # noqa: E402
+from train_default_model import DEFAULT_MODEL, stage4b_fine_tune  # noqa: E402
 
-from rln_fast import psf as psf_models  # noqa: E402
 from rln_fast import synth  # noqa: E402
 from rln_fast.deconvolve import norm_percentiles, rln_deconvolve  # noqa: E402
 from rln_fast.models.rln import RLN  # noqa: E402
-from rln_fast.train import TrainConfig, normalize_crop, train  # noqa: E402
-
-DEFAULT_INIT = Path(__file__).resolve().parents[2] / "rln_fast" / "weights" / "default.pt"
+from rln_fast.train import normalize_crop, train  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out_dir")
     ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--init", default=str(DEFAULT_INIT))
+    ap.add_argument("--init", default=str(DEFAULT_MODEL))
     ap.add_argument("--teacher", default=None, help="the ensemble's model (default: --init)")
     ap.add_argument("--members", type=int, default=8, choices=[2, 4, 8])
     ap.add_argument("--truth-weight", type=float, default=0.0,
@@ -64,12 +61,7 @@ def main() -> None:
         return target.astype(np.float32), raw
 
     synth.phantom_pair = distilled_pair
-    psf = psf_models.born_wolf(PSF_SHAPE, VOXEL_SIZE, **PSF_ARGS)
-    config = TrainConfig(psf=psf, steps=args.steps, crop=(64,) * 3, n_volumes=192, cache_volumes=192,
-                         recipe="mixed", norm_scope="volume", norm_percentiles=percentiles,
-                         init_model=args.init, lr=0.0005, lr_hold=200, lr_decay_steps=100,
-                         augment=True, checkpoint_every=50, val_every=10 ** 6, device="cpu")
-    train(config, args.out_dir, resume=True, progress=True)
+    train(stage4b_fine_tune(args.init, args.steps), args.out_dir, resume=True, progress=True)
 
 
 if __name__ == "__main__":

@@ -22,22 +22,17 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from train_default_model import PSF_ARGS, PSF_SHAPE, VOXEL_SIZE  # noqa: E402
+from train_default_model import DEFAULT_MODEL, stage4b_fine_tune  # noqa: E402
 
-from rln_fast import psf as psf_models  # noqa: E402
 from rln_fast import synth  # noqa: E402
-from rln_fast.deconvolve import norm_percentiles  # noqa: E402
-from rln_fast.models.rln import RLN  # noqa: E402
-from rln_fast.train import TrainConfig, train  # noqa: E402
-
-DEFAULT_INIT = Path(__file__).resolve().parents[2] / "rln_fast" / "weights" / "default.pt"
+from rln_fast.train import train  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out_dir")
     ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--init", default=str(DEFAULT_INIT))
+    ap.add_argument("--init", default=str(DEFAULT_MODEL))
     ap.add_argument("--background-in-truth", default="0",
                     help="the fraction of the background the truths keep (the recipe: 1), or "
                          "'random' for one per volume")
@@ -52,13 +47,7 @@ def main() -> None:
         synth.microscopy_pair = per_volume
     else:
         synth.microscopy_pair = functools.partial(pair, background_in_truth=float(args.background_in_truth))
-    psf = psf_models.born_wolf(PSF_SHAPE, VOXEL_SIZE, **PSF_ARGS)
-    config = TrainConfig(psf=psf, steps=args.steps, crop=(64,) * 3, n_volumes=192, cache_volumes=192,
-                         recipe="mixed", norm_scope="volume",
-                         norm_percentiles=norm_percentiles(RLN.load(args.init)), init_model=args.init,
-                         lr=0.0005, lr_hold=200, lr_decay_steps=100, augment=True,
-                         checkpoint_every=50, val_every=10 ** 6, device="cpu")
-    train(config, args.out_dir, resume=True, progress=True)
+    train(stage4b_fine_tune(args.init, args.steps), args.out_dir, resume=True, progress=True)
 
 
 if __name__ == "__main__":

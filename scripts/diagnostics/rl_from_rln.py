@@ -24,7 +24,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import evaluate_default_model as ev  # noqa: E402
 
-from rln_fast import psf as psf_models  # noqa: E402
 from rln_fast import rl, synth  # noqa: E402
 from rln_fast.deconvolve import rln_deconvolve  # noqa: E402
 from rln_fast.models.rln import RLN  # noqa: E402
@@ -55,7 +54,7 @@ def main() -> None:
     args = ap.parse_args()
     model = RLN.load(args.model)
     data = Path(args.data)
-    psf = psf_models.born_wolf(ev.PSF_SHAPE, ev.VOXEL_SIZE, **ev.PSF_ARGS).astype(np.float64)
+    psf = ev.evaluation_psf()
     truths = ev._truths(data, psf, Path(args.cache) if args.cache else None)
     cases = [(name, *ev.semi_synthetic_pair(truths[src], psf, peak, bg, haze, seed))
              for name, src, peak, bg, haze, seed in ev.SEMI_SYNTHETIC if src in truths]

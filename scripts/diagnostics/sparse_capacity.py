@@ -17,15 +17,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from train_default_model import PSF_ARGS, PSF_SHAPE, VOXEL_SIZE  # noqa: E402
+from train_default_model import DEFAULT_MODEL, stage4b_fine_tune  # noqa: E402
 
-from rln_fast import psf as psf_models  # noqa: E402
 from rln_fast import synth  # noqa: E402
-from rln_fast.deconvolve import norm_percentiles  # noqa: E402
-from rln_fast.models.rln import RLN  # noqa: E402
-from rln_fast.train import TrainConfig, train  # noqa: E402
-
-DEFAULT_INIT = Path(__file__).resolve().parents[2] / "rln_fast" / "weights" / "default.pt"
+from rln_fast.train import train  # noqa: E402
 
 
 def main() -> None:
@@ -33,11 +28,14 @@ def main() -> None:
     ap.add_argument("out_dir")
     ap.add_argument("data_dir")
     ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--init", default=str(DEFAULT_INIT))
+    ap.add_argument("--init", default=str(DEFAULT_MODEL))
     args = ap.parse_args()
     import tifffile
 
-    psf = psf_models.born_wolf(PSF_SHAPE, VOXEL_SIZE, **PSF_ARGS)
+    # Stage 4b's settings on these 96 volumes alone, lr 0.001 held for the whole run.
+    config = stage4b_fine_tune(args.init, args.steps, data_dir=str(Path(args.data_dir)), n_volumes=96,
+                               cache_volumes=96, recipe="official", lr=0.001, lr_hold=args.steps)
+    psf = config.psf
     data = Path(args.data_dir)
     for sub in ("gt", "input"):
         (data / sub).mkdir(parents=True, exist_ok=True)
@@ -48,11 +46,6 @@ def main() -> None:
         gt, raw = synth.microscopy_pair(psf, (64, 64, 64), seed=5000 + i, kind="sparse")
         tifffile.imwrite(data / "input" / name, raw)
         tifffile.imwrite(data / "gt" / name, gt)  # written last: a pair counts once gt/ has it
-    config = TrainConfig(psf=psf, data_dir=str(data), steps=args.steps, crop=(64,) * 3,
-                         n_volumes=96, cache_volumes=96, norm_scope="volume",
-                         norm_percentiles=norm_percentiles(RLN.load(args.init)),
-                         init_model=args.init, lr=0.001, lr_hold=args.steps, lr_decay_steps=100,
-                         augment=True, checkpoint_every=50, val_every=10 ** 6, device="cpu")
     train(config, args.out_dir, resume=True, progress=True)
 
 
