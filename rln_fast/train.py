@@ -118,6 +118,9 @@ class TrainConfig:
     # model constraint (not the recipe): every conv kernel kept equal to its mirror images in
     # z, y and x, so that the network commutes with flips of even-sized volumes
     flip_symmetric: bool = False
+    # model regulariser (not the recipe): after every step each conv kernel w moves
+    # flip_decay of the way to its mean over the 8 flips, w <- w - flip_decay*(w - flip mean)
+    flip_decay: float = 0.0
     # loss
     e1_weight: float = 0.1
     e1_gt_fraction: float = 0.8
@@ -181,6 +184,11 @@ class TrainConfig:
         if self.gain_weighted and self.gain_augment == 1.0:
             raise ValueError("TrainConfig.gain_weighted needs gain_augment > 1 (there is no gain "
                              "to weigh the loss by)")
+        if not (math.isfinite(self.flip_decay) and 0.0 <= self.flip_decay < 1.0):
+            raise ValueError(f"TrainConfig.flip_decay must be in [0, 1), got {self.flip_decay!r}")
+        if self.flip_decay > 0.0 and self.flip_symmetric:
+            raise ValueError("TrainConfig.flip_decay has no effect with flip_symmetric=True (the "
+                             "kernels are already their flip means); set one of them")
         if self.init_model is not None and not Path(self.init_model).is_file():
             raise ValueError(f"TrainConfig.init_model: {self.init_model} is not a file")
         if self.bn not in ("torch", "official"):
@@ -198,6 +206,16 @@ def flip_symmetrize(w: torch.Tensor, dims: Sequence[int] = (2, 3, 4)) -> torch.T
         flipped = [d for d, f in zip(dims, flips, strict=True) if f]
         out += w.flip(flipped) if flipped else w
     return out / 2 ** len(dims)
+
+
+def _flip_decay(model: RLN, rate: float) -> None:
+    """Move every conv kernel ``rate`` of the way to its flip mean (``TrainConfig.flip_decay``):
+    a pull towards flip-symmetric kernels that the loss's gradients can resist, where
+    ``flip_symmetric`` forces them."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 5:
+                p.lerp_(flip_symmetrize(p), rate)
 
 
 def _make_flip_symmetric(model: RLN) -> None:
@@ -709,6 +727,8 @@ def train(
                 loss, parts = rln_loss(outputs, x, gt, c)
                 loss.backward()
                 opt.step()
+                if c.flip_decay > 0.0:
+                    _flip_decay(model, c.flip_decay)
                 step += 1
 
                 vals = torch.stack([loss.detach(), *(p.detach() for p in parts.values())]).tolist()

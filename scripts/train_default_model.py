@@ -4,7 +4,8 @@ Usage: python scripts/train_default_model.py OUT_DIR [--steps N] [--crop S] [--v
        [--recipe official|microscopy|mixed|mixed_sparse] [--norm-scope crop|volume]
        [--norm-percentiles LOW HIGH]
        [--init MODEL.pt] [--lr LR] [--lr-hold N] [--lr-decay-steps N] [--augment]
-       [--gain-augment G [--gain-weighted]] [--threads N] [--device cpu|cuda]
+       [--gain-augment G [--gain-weighted]] [--flip-symmetric | --flip-decay D]
+       [--threads N] [--device cpu|cuda]
 The PSF is a widefield Born-Wolf model at the DAPI demo stack's acquisition (voxel 0.3 x 0.13 x
 0.13 um, emission 0.461 um, NA 1.45, immersion 1.512); phantoms are generated on the fly.
 Re-running with the same OUT_DIR and options resumes from its last checkpoint.
@@ -78,6 +79,10 @@ def main() -> None:
     ap.add_argument("--flip-symmetric", action="store_true",
                     help="keep every conv kernel symmetric under flips of z, y and x, so that the "
                          "network commutes with flips of the volume (not the recipe)")
+    ap.add_argument("--flip-decay", type=float, default=0.0,
+                    help="after every step move each conv kernel this fraction of the way to its "
+                         "mean over the 8 flips of z, y and x: a pull towards --flip-symmetric that "
+                         "the loss can resist (not the recipe; default 0: off)")
     ap.add_argument("--augment", action="store_true",
                     help="random flips and (y, x) quarter turns of the crops (not the recipe)")
     ap.add_argument("--val-every", type=int, default=500)
@@ -99,7 +104,7 @@ def main() -> None:
                          init_model=args.init, lr=args.lr, lr_hold=args.lr_hold,
                          lr_decay_steps=args.lr_decay_steps, augment=args.augment,
                          gain_augment=args.gain_augment, gain_weighted=args.gain_weighted,
-                         flip_symmetric=args.flip_symmetric,
+                         flip_symmetric=args.flip_symmetric, flip_decay=args.flip_decay,
                          checkpoint_every=50,
                          val_every=args.val_every, device=args.device)
     train(config, args.out_dir, resume=True, progress=True)

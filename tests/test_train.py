@@ -337,6 +337,44 @@ def test_flip_symmetric_training_keeps_the_network_flip_equivariant(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_flip_decay_moves_each_kernel_towards_its_flip_mean_after_every_step(tmp_path):
+    c = _tiny(steps=1, n_val=0, norm_scope="volume", checkpoint_every=1)
+    free = train(c, tmp_path / "free", progress=False)
+    decayed = train(dataclasses.replace(c, flip_decay=0.25), tmp_path / "decay", progress=False)
+    moved = 0
+    for (name, a), b in zip(free.state_dict().items(), decayed.state_dict().values(), strict=True):
+        # The first step's gradients are the same, so the decay is the only difference.
+        want = a.lerp(flip_symmetrize(a), 0.25) if a.dim() == 5 else a
+        torch.testing.assert_close(b, want, rtol=0, atol=1e-7, msg=name)
+        moved += a.dim() == 5 and not torch.equal(a, b)
+    assert moved > 0
+    # More steps: the kernels' asymmetric part shrinks against the free run's, and the run
+    # resumes bit for bit.
+    longer = dataclasses.replace(c, steps=4, flip_decay=0.25)
+    whole = train(longer, tmp_path / "whole", progress=False)
+    free4 = train(dataclasses.replace(longer, flip_decay=0.0), tmp_path / "free4", progress=False)
+
+    def asym(m):
+        return sum(float((w - flip_symmetrize(w)).norm()) for w in m.state_dict().values() if w.dim() == 5)
+
+    assert asym(whole) < 0.5 * asym(free4)
+    train(dataclasses.replace(longer, steps=2), tmp_path / "split", progress=False)
+    resumed = train(longer, tmp_path / "split", progress=False)
+    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(flip_decay=-0.1), "flip_decay must be in"),
+    (dict(flip_decay=1.0), "flip_decay must be in"),
+    (dict(flip_decay=float("nan")), "flip_decay must be in"),
+    (dict(flip_decay=0.1, flip_symmetric=True), "no effect with flip_symmetric"),
+])
+def test_flip_decay_rejects_bad_values(kw, match):
+    with pytest.raises(ValueError, match=match):
+        _tiny(**kw)
+
+
 def test_checkpoint_from_before_a_new_config_field_resumes(tmp_path):
     import json as _json
 

@@ -13,8 +13,8 @@ commutes with flips of an even-sized volume. --axes z (or y,x) averages over the
 those axes only.
 --toward-flip-average: every conv kernel w of MODEL replaced by (1 − BETA)·w + BETA·(its flip
 mean), batch norms kept; MODEL's metadata, with the step recorded (and appended to its
-"stages" when it has them, MODEL named in place of "this model"). Stage 5, the shipped
-default, is stage 4b with BETA = 0.03.
+"stages" when it has them, MODEL named in place of "this model"). Stage 5 of the shipped
+default is stage 4b with BETA = 0.1 (stage 6 is stage 5 fine-tuned).
 Evaluate OUT.pt with ``evaluate_default_model.py``.
 """
 
