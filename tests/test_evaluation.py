@@ -120,9 +120,19 @@ def test_the_model_cards_diagnostics_still_import_and_parse(name):
     assert "usage:" in done.stdout and "Diagnostic" in done.stdout
 
 
-def test_stage_5_is_stage_4b_moved_towards_its_flip_means_and_the_default_starts_from_it(tmp_path):
-    """The model card's stage 5 command rebuilds the kept stage 5 exactly from the kept stage 4b,
-    and the shipped default (stage 6) records stage 5 as the start of its training."""
+# The model card's stages 5, 7 and 9: (edit, the stage it was made from, the stage trained
+# from it; None for the shipped default).
+_FLIP_EDITS = [
+    ("rln_stage5_4b_flip010.pt", "rln_stage4b_p9999_mixed_1400.pt", "rln_stage6_5_400.pt"),
+    ("rln_stage7_6_flip010.pt", "rln_stage6_5_400.pt", "rln_stage8_7_400.pt"),
+    ("rln_stage9_8_flip010.pt", "rln_stage8_7_400.pt", None),
+]
+
+
+@pytest.mark.parametrize("edit, source, trained", _FLIP_EDITS)
+def test_each_flip_edit_stage_is_rebuilt_exactly_by_the_model_cards_command(tmp_path, edit, source, trained):
+    """The model card's command rebuilds each kept edit stage bit for bit from the kept stage
+    before it, and the stage trained next records it as its start."""
     import json
     import subprocess
     import sys
@@ -131,20 +141,29 @@ def test_stage_5_is_stage_4b_moved_towards_its_flip_means_and_the_default_starts
 
     from rln_fast.models.rln import RLN
 
-    root = _SCRIPT.parents[1]
-    results = root / "benchmarks" / "results"
-    stage4b, stage5 = results / "rln_stage4b_p9999_mixed_1400.pt", results / "rln_stage5_4b_flip010.pt"
-    out = tmp_path / "stage5.pt"
-    done = subprocess.run([sys.executable, str(root / "scripts" / "diagnostics" / "average_weights.py"),
-                           str(out), "--toward-flip-average", str(stage4b), "0.1"],
+    results = _SCRIPT.parents[1] / "benchmarks" / "results"
+    out = tmp_path / "edit.pt"
+    done = subprocess.run([sys.executable, str(_SCRIPT.parent / "diagnostics" / "average_weights.py"),
+                           str(out), "--toward-flip-average", str(results / source), "0.1"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    rebuilt, kept, before = RLN.load(out), RLN.load(stage5), RLN.load(stage4b)
+    rebuilt, kept, before = RLN.load(out), RLN.load(results / edit), RLN.load(results / source)
     for name, value in kept.state_dict().items():
         assert torch.equal(rebuilt.state_dict()[name], value), name
     assert not torch.equal(before.e1, kept.e1)  # the edit did change the kernels
-    shipped = RLN.from_pretrained()
-    assert json.loads(shipped.metadata["config"])["init_model"] == "benchmarks/results/rln_stage5_4b_flip010.pt"
-    stages = json.loads(shipped.metadata["stages"])
-    assert stages[-2].startswith("5: benchmarks/results/rln_stage5_4b_flip010.pt") and stages[-1].startswith("6: this model")
-    assert not torch.equal(shipped.e1, kept.e1)  # and it was trained from there
+    model = RLN.load(results / trained) if trained is not None else RLN.from_pretrained()
+    assert json.loads(model.metadata["config"])["init_model"] == f"benchmarks/results/{edit}"
+    assert not torch.equal(model.e1, kept.e1)  # and it was trained from there
+
+
+def test_the_default_models_stages_name_the_kept_files():
+    import json
+
+    from rln_fast.models.rln import RLN
+
+    root = _SCRIPT.parents[1]
+    stages = json.loads(RLN.from_pretrained().metadata["stages"])
+    assert stages[-1].startswith("10: this model")
+    for entry in stages[:-1]:
+        path = entry.split(" ", 2)[1]
+        assert (root / path).is_file(), entry
