@@ -22,7 +22,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import evaluate_default_model as ev  # noqa: E402
-from train_default_model import model_psf  # noqa: E402
 
 from rln_fast.models.rln import RLN  # noqa: E402
 
@@ -45,7 +44,7 @@ def main() -> None:
     cache = Path(args.cache) if args.cache else None
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
-    psf = model_psf()
+    psf = ev.evaluation_psf()
     truths = ev._truths(Path(args.data), psf, cache)
     models = {m: RLN.load(m) for m in args.models}
     rows, summary = [], {}
