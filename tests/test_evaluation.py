@@ -88,6 +88,19 @@ def test_the_training_script_never_draws_the_held_out_phantoms(ev, monkeypatch, 
         assert "held-out phantoms 900001-900008" in capsys.readouterr().err
 
 
+def test_the_training_script_passes_its_gradients_option(monkeypatch):
+    path = _SCRIPT.parent / "train_default_model.py"
+    spec = importlib.util.spec_from_file_location("train_default_model", path)
+    tr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tr)
+    seen = []
+    monkeypatch.setattr(tr, "train", lambda config, out, **kw: seen.append(config))
+    for extra, want in (([], "paper"), (["--gradients", "exact"], "exact")):
+        monkeypatch.setattr("sys.argv", ["train_default_model.py", "out", "--steps", "1", *extra])
+        tr.main()
+        assert seen[-1].gradients == want
+
+
 def test_scores_inside_the_object_leave_the_background_out(ev):
     z, y, x = np.mgrid[:24, :32, :32].astype(np.float64)
     gt = np.exp(-((z - 12) ** 2 / 18 + (y - 16) ** 2 / 40 + (x - 16) ** 2 / 40))

@@ -276,6 +276,20 @@ def test_gain_weighted_training_runs_and_resumes_bit_for_bit(tmp_path):
     assert not torch.equal(unweighted.e1, whole.e1)
 
 
+def test_exact_gradients_change_the_updates_and_not_the_forward(tmp_path):
+    c = _tiny(steps=2, n_val=0, checkpoint_every=100)
+    paper = train(c, tmp_path / "paper", progress=False)
+    exact = train(dataclasses.replace(c, gradients="exact"), tmp_path / "exact", progress=False)
+    lp = [float(r["loss"]) for r in _rows(tmp_path / "paper" / LOSS_CSV)]
+    le = [float(r["loss"]) for r in _rows(tmp_path / "exact" / LOSS_CSV)]
+    # Step 1 scores the same start on the same batch; its update differs, so step 2's loss does.
+    assert lp[0] == le[0] and lp[1] != le[1]
+    assert exact.gradients == "exact" and paper.gradients == "paper"
+    changed = [n for n, p in paper.named_parameters()
+               if not torch.allclose(p, dict(exact.named_parameters())[n], rtol=0, atol=1e-7)]
+    assert {"e1", "e4", "e8", "u1", "u3"} <= set(changed)
+
+
 def test_init_model_starts_from_its_weights(tmp_path):
     start = RLN()
     start.reset_parameters(generator=torch.Generator().manual_seed(123))
