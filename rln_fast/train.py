@@ -681,10 +681,11 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(c.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
-    model = RLN(gradients=c.gradients, bn=c.bn)
+    start = RLN.load(c.init_model) if c.init_model is not None else None
+    model = RLN(gradients=c.gradients, bn=c.bn, width=start.width if start is not None else 1)
     model.reset_parameters(generator=torch.Generator().manual_seed(c.seed))
-    if c.init_model is not None:
-        model.load_state_dict(RLN.load(c.init_model).state_dict())
+    if start is not None:  # its width too (RLN.widened makes wider starts)
+        model.load_state_dict(start.state_dict())
     if c.flip_symmetric:
         _make_flip_symmetric(model)
     model.to(device).train()

@@ -519,3 +519,90 @@ def test_fused_slabs_are_bitwise_one_slab(monkeypatch, shape):
         monkeypatch.setattr(FusedRLN, "_MIN_SLAB_VOXELS", 1)
         assert len(FusedRLN._slabs(shape[0], shape[1] * shape[2])) > 1
         assert torch.equal(f(x), whole)
+
+
+# ------------------------------------------------------------------ wider networks
+
+
+def test_width_scales_every_multi_channel_layer():
+    m, w = RLN(), RLN(width=2)
+    assert sum(p.numel() for p in w.parameters()) == 60_952
+    for name in [*rln_mod._CONVS, "e7"]:
+        a, b = getattr(m, name).shape, getattr(w, name).shape
+        cin = tuple(2 * c if c > 1 else c for c in rln_mod._CONV_INPUTS[name])
+        if name == "e7":
+            assert tuple(b) == (2 * a[0], 2 * a[1], *a[2:])
+        else:
+            assert tuple(b) == (2 * a[0], sum(cin), *a[2:]), name
+    assert tuple(w.u6.shape[:2]) == (16, 18)  # [m1 (16), E2 (1), E1 (1)]
+    for name in rln_mod._BNS:
+        one = name in rln_mod._ONE_CHANNEL_BNS
+        assert getattr(w, name).num_features == getattr(m, name).num_features * (1 if one else 2)
+    assert "width=2" in repr(w) and "width" not in repr(m)
+    # Each of the 4 Gaussian sigmas on 2 consecutive output channels.
+    torch.manual_seed(0)
+    g = RLN(width=3).e1[:, 0, 1, 1]  # centre column: exp(-r²/2σ²) x one U(0, 1)
+    assert torch.allclose(g[0::3], g[1::3]) and torch.allclose(g[0::3], g[2::3])
+
+
+@pytest.mark.parametrize("width", [0, -1, 1.5, True, "2"])
+def test_bad_width(width):
+    with pytest.raises(ValueError, match="width must be an integer >= 1"):
+        RLN(width=width)
+
+
+@pytest.mark.parametrize("factor", [2, 3])
+def test_widened_computes_the_same_function(factor):
+    m = _random_model(seed=5, bn="official", gradients="paper")
+    m.metadata = {"note": "kept"}
+    w = m.widened(factor)
+    assert w.width == factor and not w.training and w.metadata == m.metadata
+    assert (w.bn, w.gradients) == ("official", "paper")
+    x = torch.rand(2, 1, 11, 14, 9, generator=torch.Generator().manual_seed(3)) * 3
+    with torch.no_grad():
+        ref = m(x, return_intermediates=True)
+        for out in (w(x, return_intermediates=True), w.fuse()(x, return_intermediates=True)):
+            for k in INTERMEDIATE_KEYS:  # float32 sums in another order: relative to the max
+                assert _rel_err(out[k], ref[k]) < 1e-5, k
+        # The lean fused path: wide layers exceed the fused kernels' 8 channels and run unfused.
+        assert _rel_err(w.fuse()(x), ref["output"]) < 1e-5
+    # Train mode: the copies share batch statistics, so it is the same function there too.
+    m.train()
+    with torch.no_grad():
+        assert _rel_err(m.widened(factor)(x), m(x)) < 1e-5
+    # A second widening multiplies.
+    assert m.widened(2).widened(factor).width == 2 * factor
+
+
+def test_widened_noise_parts_the_copies():
+    m = _random_model(seed=6)
+    a = m.widened(2, noise=0.01, generator=torch.Generator().manual_seed(0))
+    b = m.widened(2, noise=0.01, generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    assert not torch.equal(a.e2[0::2], a.e2[1::2])
+    x = torch.rand(1, 1, 8, 8, 8)
+    with torch.no_grad():
+        assert not torch.equal(a(x), m.widened(2)(x))
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="noise"):
+            m.widened(2, noise=bad)
+    with pytest.raises(ValueError, match="width must be"):
+        m.widened(0)
+
+
+def test_wide_model_save_load_and_deconvolve(tmp_path):
+    m = _random_model(seed=7)
+    w = m.widened(2)
+    w.save(tmp_path / "w.pt")
+    m.save(tmp_path / "m.pt")
+    # Width-1 files keep their config as before; wide ones record the width.
+    assert "width" not in torch.load(tmp_path / "m.pt", weights_only=True)["config"]
+    r = RLN.load(tmp_path / "w.pt")
+    assert r.width == 2
+    for k, v in w.state_dict().items():
+        assert torch.equal(v, r.state_dict()[k]), k
+    vol = np.random.default_rng(0).random((12, 20, 20)).astype(np.float32) * 100
+    np.testing.assert_allclose(rln_deconvolve(vol, r, progress=False),
+                               rln_deconvolve(vol, m, progress=False), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="released model has width 1"):
+        RLN.from_official_checkpoint(tmp_path / "missing.ckpt", width=2)

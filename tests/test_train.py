@@ -402,3 +402,17 @@ def test_checkpoint_from_before_a_new_config_field_resumes(tmp_path):
     assert train(c, tmp_path, progress=False).metadata["steps"] == 2
     with pytest.raises(ValueError, match="flip_symmetric"):  # the default is what it stood at
         train(dataclasses.replace(c, steps=3, flip_symmetric=True), tmp_path, progress=False)
+
+
+def test_a_wide_init_model_trains_at_its_width(tmp_path):
+    start = RLN()
+    start.reset_parameters(generator=torch.Generator().manual_seed(5))
+    start.widened(2, noise=0.01, generator=torch.Generator().manual_seed(0)).save(tmp_path / "wide.pt")
+    c = _tiny(steps=2, n_val=0, checkpoint_every=1, init_model=str(tmp_path / "wide.pt"))
+    model = train(c, tmp_path / "run", progress=False)
+    assert model.width == 2 and RLN.load(tmp_path / "run" / MODEL_NAME).width == 2
+    # It resumes at its width too.
+    train(dataclasses.replace(c, steps=1), tmp_path / "split", progress=False)
+    resumed = train(c, tmp_path / "split", progress=False)
+    for a, b in zip(model.state_dict().values(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -140,14 +140,50 @@ class _OfficialBatchNorm3d(nn.BatchNorm3d):
 
 
 def _gaussian_init_(w: torch.Tensor, generator: torch.Generator | None = None) -> None:
-    """w [4, Cin, 3, 3, 3] <- Gaussian per output channel (peak 1) x U(0, 1) per input channel."""
+    """w [4·width, Cin, 3, 3, 3] <- Gaussian per output channel (peak 1; each of the 4 sigmas
+    on ``width`` consecutive channels) x U(0, 1) per input channel."""
     r = torch.arange(-1.0, 2.0, dtype=torch.float64)
     r2 = r[:, None, None] ** 2 + r[None, :, None] ** 2 + r[None, None, :] ** 2  # [3, 3, 3]
-    sig = torch.tensor(_GAUSS_SIGMAS, dtype=torch.float64)[:, None, None, None]
-    g = torch.exp(-r2 / (2.0 * sig**2))  # [4, 3, 3, 3], centre value 1 is the peak
+    sig = torch.tensor(_GAUSS_SIGMAS, dtype=torch.float64).repeat_interleave(w.shape[0] // len(_GAUSS_SIGMAS))
+    g = torch.exp(-r2 / (2.0 * sig[:, None, None, None] ** 2))  # [Cout, 3, 3, 3], centre value 1
     u = torch.rand(w.shape[1], dtype=torch.float64, generator=generator)  # shared over Cout
     with torch.no_grad():
         w.copy_((g[:, None] * u[None, :, None, None, None]).to(w.dtype))
+
+
+# name -> the channels of each input part of the conv (e7: its one input), at width 1; parts of
+# one channel (x, the ratios, E1, E2) keep one channel at every width.
+_CONV_INPUTS: dict[str, tuple[int, ...]] = {
+    "e1": (1,), "e2": (4,), "e3": (4, 4), "e4": (1,), "e5": (8,), "e6": (8, 8), "e7": (8,),
+    "e8": (4,), "u1": (1,), "u2": (4,), "u3": (1,), "u4": (8,), "u5": (1,), "u6": (8, 1, 1),
+    "u7": (8, 8),
+}
+_ONE_CHANNEL_BNS = ("bn_t1", "bn_t2", "bn_t3", "bn_t4")
+
+
+def _scaled_in(parts: tuple[int, ...], width: int) -> int:
+    return sum(c if c == 1 else c * width for c in parts)
+
+
+def _check_width(width: Any, who: str) -> int:
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise ValueError(f"{who}: width must be an integer >= 1, got {width!r}")
+    return width
+
+
+def _widen_in(w: torch.Tensor, parts: tuple[int, ...], width: int, factor: int, dim: int) -> torch.Tensor:
+    """w's input channels (on ``dim``, the parts at ``width``) with each channel of every
+    multi-channel part repeated ``factor`` times in place, each copy carrying 1/factor of its
+    weight: fed the repeated channels, the conv computes what it did before."""
+    out, lo = [], 0
+    for c in parts:
+        n = c if c == 1 else c * width
+        piece = w.narrow(dim, lo, n)
+        out.append(piece if c == 1 else piece.repeat_interleave(factor, dim=dim) / factor)
+        lo += n
+    if lo != w.shape[dim]:
+        raise RuntimeError(f"_widen_in: parts {parts} at width {width} cover {lo} of {w.shape[dim]} channels")
+    return torch.cat(out, dim=dim)
 
 
 def _load_reason(e: Exception) -> str:
@@ -177,9 +213,11 @@ class RLN(nn.Module):
     (the released training graph's surrogate gradients).
     bn: "torch" (nn.BatchNorm3d) or "official" (running variance updated with the
     biased batch variance, as TF does).
+    width: every multi-channel layer has ``width`` times the official channels (not the
+    official architecture unless 1; about width² times the parameters and the conv work).
     """
 
-    def __init__(self, *, gradients: str = "exact", bn: str = "torch") -> None:
+    def __init__(self, *, gradients: str = "exact", bn: str = "torch", width: int = 1) -> None:
         super().__init__()
         if gradients not in _GRADIENTS:
             raise ValueError(f"RLN: gradients must be one of {_GRADIENTS}, got {gradients!r}")
@@ -187,12 +225,15 @@ class RLN(nn.Module):
             raise ValueError(f"RLN: bn must be one of {_BN_MODES}, got {bn!r}")
         self.gradients = gradients
         self.bn = bn
+        self.width = _check_width(width, "RLN")
         self.metadata: dict[str, Any] = {}
-        for name, (cout, cin) in _CONVS.items():
-            self.register_parameter(name, nn.Parameter(torch.empty(cout, cin, 3, 3, 3)))
-        self.e7 = nn.Parameter(torch.empty(*_E7_SHAPE))
+        for name, (cout, _) in _CONVS.items():
+            cin = _scaled_in(_CONV_INPUTS[name], width)
+            self.register_parameter(name, nn.Parameter(torch.empty(cout * width, cin, 3, 3, 3)))
+        self.e7 = nn.Parameter(torch.empty(_E7_SHAPE[0] * width, _E7_SHAPE[1] * width, *_E7_SHAPE[2:]))
         bn_cls = _OfficialBatchNorm3d if bn == "official" else nn.BatchNorm3d
         for name, c in _BNS.items():
+            c = c if name in _ONE_CHANNEL_BNS else c * width
             self.add_module(name, bn_cls(c, eps=_BN_EPS, momentum=_BN_MOMENTUM))
         self.reset_parameters()
 
@@ -208,7 +249,7 @@ class RLN(nn.Module):
             getattr(self, name).reset_parameters()
 
     def extra_repr(self) -> str:
-        parts = []
+        parts = [f"width={self.width}"] if self.width != 1 else []
         if self.gradients != "exact":
             parts.append(f"gradients={self.gradients!r}")
         if self.bn != "torch":
@@ -281,6 +322,35 @@ class RLN(nn.Module):
             "E2pre": e2pre, "E2": e2, "output": out,
         }
 
+    def widened(self, factor: int, noise: float = 0.0, generator: torch.Generator | None = None) -> RLN:
+        """A copy with ``factor`` times the channels that computes the same function: each
+        channel repeated ``factor`` times (its conv kernel, BN and running statistics copied),
+        each copy's outgoing weights divided by ``factor``. ``noise`` > 0 adds N(0, (noise·the
+        kernel's std)²) to every widened conv kernel so that the copies can part in training
+        (then the function changes a little). Metadata is copied; train mode is kept."""
+        factor = _check_width(factor, "RLN.widened")
+        if not (noise >= 0.0 and math.isfinite(noise)):
+            raise ValueError(f"RLN.widened: noise must be finite and >= 0, got {noise!r}")
+        w0, w1 = self.width, self.width * factor
+        out = RLN(gradients=self.gradients, bn=self.bn, width=w1).to(self.e1.device, self.e1.dtype)
+        state = {}
+        with torch.no_grad():
+            for name in [*_CONVS, "e7"]:
+                w = getattr(self, name).detach()
+                out_dim, in_dim = (1, 0) if name == "e7" else (0, 1)
+                w = w.repeat_interleave(factor, dim=out_dim)
+                w = _widen_in(w, _CONV_INPUTS[name], w0, factor, in_dim)
+                if noise > 0:
+                    w = w + noise * float(w.std()) * torch.randn(w.shape, generator=generator).to(w)
+                state[name] = w
+            for name in _BNS:
+                for key, v in getattr(self, name).state_dict().items():
+                    wide = name not in _ONE_CHANNEL_BNS and v.dim() == 1
+                    state[f"{name}.{key}"] = v.repeat_interleave(factor) if wide else v.clone()
+        out.load_state_dict(state)
+        out.metadata = dict(self.metadata)
+        return out.train(self.training)
+
     # ---------------------------------------------------------------- fused form
 
     def fuse(self) -> FusedRLN:
@@ -296,6 +366,9 @@ class RLN(nn.Module):
         kw go to RLN(...) (gradients=, bn=). metadata["steps"] holds the Adam step count
         read from beta2_power (0.999**steps) when the checkpoint has it.
         """
+        if kw.get("width", 1) != 1:
+            raise ValueError("RLN.from_official_checkpoint: the released model has width 1, "
+                             f"got width={kw['width']!r}")
         from rln_fast.models.tf_checkpoint import (
             CheckpointError,
             list_tf_checkpoint,
@@ -354,7 +427,8 @@ class RLN(nn.Module):
             {
                 "format": _FORMAT,
                 "version": _VERSION,
-                "config": {"gradients": self.gradients, "bn": self.bn},
+                "config": {"gradients": self.gradients, "bn": self.bn,
+                           **({"width": self.width} if self.width != 1 else {})},
                 "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
                 "metadata": dict(self.metadata),
             },
@@ -444,6 +518,25 @@ def _affine(bn: nn.BatchNorm3d) -> tuple[float, float]:
     return s, float(bn.bias.double() - bn.running_mean.double() * s)
 
 
+# The fused conv + divide/multiply kernels hold at most this many output channels (width 1's
+# largest is 8); wider layers (RLN(width=2) and up) run the conv and the RL step separately.
+_FUSED_MAX_COUT = 8
+
+
+def _conv3d_rl_divide(inputs, weight, bias, act, skip, x, eps, scale=1.0, shift=0.0):
+    if weight.shape[0] <= _FUSED_MAX_COUT:
+        return ops.conv3d_rl_divide(inputs, weight, bias, act, skip, x, eps, scale, shift)
+    fp = ops.conv3d(inputs, weight, bias, act=act, skip=skip)
+    return ops.rl_divide(x, fp, eps=eps, scale=scale, shift=shift)
+
+
+def _conv3d_rl_multiply(inputs, weight, bias, act, e, offset):
+    if weight.shape[0] <= _FUSED_MAX_COUT:
+        return ops.conv3d_rl_multiply(inputs, weight, bias, act, e, offset)
+    bp = ops.conv3d(inputs, weight, bias, act=act)
+    return _mean_c(bp) + offset if e is None else ops.rl_multiply(e, bp, offset=offset)
+
+
 class FusedRLN(nn.Module):
     """RLN inference form: BNs folded into conv weight + bias; one conv3d call per layer.
 
@@ -503,7 +596,7 @@ class FusedRLN(nn.Module):
         """
         w, b = getattr(self, f"w_{name}"), getattr(self, f"b_{name}")
         if not want:  # FP's channels never reach memory
-            return ops.conv3d_rl_divide(inputs, w, b, "softplus", skip, skip, _DIV_EPS, *affine), {}
+            return _conv3d_rl_divide(inputs, w, b, "softplus", skip, skip, _DIV_EPS, *affine), {}
         fp = ops.conv3d(inputs, w, b, act="softplus", skip=skip)
         r = ops.rl_divide(skip, fp, eps=_DIV_EPS, scale=affine[0], shift=affine[1])
         return r, {"FP": _mean_c(fp), "ratio": ops.rl_divide(skip, fp, eps=_DIV_EPS)}
@@ -519,7 +612,7 @@ class FusedRLN(nn.Module):
         """BP + update: e * (mean_c(SP(conv(inputs))) + offset), [N, 1, ...]; with want, also g."""
         w, b = getattr(self, f"w_{name}"), getattr(self, f"b_{name}")
         if not want:  # BP's channels never reach memory
-            return ops.conv3d_rl_multiply(inputs, w, b, "softplus", e, offset), {}
+            return _conv3d_rl_multiply(inputs, w, b, "softplus", e, offset), {}
         bp = ops.conv3d(inputs, w, b, act="softplus")
         return ops.rl_multiply(e, bp, offset=offset), {"g": _mean_c(bp) + offset}
 
@@ -556,7 +649,7 @@ class FusedRLN(nn.Module):
         xd = F.avg_pool3d(x, 2)
         a1 = self._conv_sp(xd, "e1")
         a2 = self._conv_sp(a1, "e2")
-        r1 = ops.conv3d_rl_divide([a1, a2], self.w_e3, self.b_e3, "softplus", xd, xd, _DIV_EPS, *self.t1)
+        r1 = _conv3d_rl_divide([a1, a2], self.w_e3, self.b_e3, "softplus", xd, xd, _DIV_EPS, *self.t1)
         del a1, a2, xd
         b1 = self._conv_sp(r1, "e4")
         b2 = self._conv_sp(b1, "e5")
@@ -568,7 +661,7 @@ class FusedRLN(nn.Module):
             # up planes [lo, hi) come from b3 planes [lo/2, ceil(hi/2)); lo is even.
             pad_z = 1 if (hi == D and D % 2) else 0
             up = _softplus(_up2(b3[:, :, lo // 2:hi // 2], self.w_e7, self.b_e7, (pad_z, oh, ow)))
-            return ops.conv3d_rl_multiply(up, self.w_e8, self.b_e8, "softplus", x[:, :, lo:hi], 0.0)
+            return _conv3d_rl_multiply(up, self.w_e8, self.b_e8, "softplus", x[:, :, lo:hi], 0.0)
 
         e1 = self._run_slabs(torch.empty_like(x), slabs, 2, e1pre_slab)
         b3 = None  # frees the half-resolution features (the closure above is done with them)
@@ -577,13 +670,13 @@ class FusedRLN(nn.Module):
         # H2 at full resolution.
         def r2_slab(lo: int, hi: int) -> torch.Tensor:
             xs = x[:, :, lo:hi]
-            return ops.conv3d_rl_divide(self._conv_sp(xs, "u1"), self.w_u2, self.b_u2, "softplus",
+            return _conv3d_rl_divide(self._conv_sp(xs, "u1"), self.w_u2, self.b_u2, "softplus",
                                         xs, xs, _DIV_EPS, *self.t3)
 
         r2 = self._run_slabs(torch.empty_like(x), slabs, 2, r2_slab)
 
         def e2pre_slab(lo: int, hi: int) -> torch.Tensor:
-            return ops.conv3d_rl_multiply(self._conv_sp(r2[:, :, lo:hi], "u3"), self.w_u4,
+            return _conv3d_rl_multiply(self._conv_sp(r2[:, :, lo:hi], "u3"), self.w_u4,
                                           self.b_u4, "softplus", e1[:, :, lo:hi], 1.0)
 
         e2 = self._run_slabs(torch.empty_like(x), slabs, 2, e2pre_slab)
@@ -595,7 +688,7 @@ class FusedRLN(nn.Module):
             e2s, e1s = e2[:, :, lo:hi], e1[:, :, lo:hi]
             m1 = ops.conv3d(e2s, self.w_u5, None, act="softplus")
             m2 = ops.conv3d([m1, e2s, e1s], self.w_u6, None, act="softplus")
-            return ops.conv3d_rl_multiply([m1, m2], self.w_u7, self.b_u7, "softplus", None, 0.0)
+            return _conv3d_rl_multiply([m1, m2], self.w_u7, self.b_u7, "softplus", None, 0.0)
 
         return self._run_slabs(torch.empty_like(x), slabs, 3, out_slab)
 
