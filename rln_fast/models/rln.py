@@ -206,8 +206,9 @@ class RLN(nn.Module):
     """Richardson-Lucy Network, training form (convs emit pre-BN outputs, BN as modules).
 
     Input x [N, 1, D, H, W] (axes z, y, x), any D, H, W >= 2; output [N, 1, D, H, W].
-    15,968 trainable parameters: conv weights e1..e8, u1..u7 (no biases; e7 is the
-    stride-2 transposed conv, torch layout [Cin=8, Cout=4, 2, 2, 2]) and 17 BNs.
+    15,968 trainable parameters at width 1 (60,952 at width 2): conv weights e1..e8, u1..u7
+    (no biases; e7 is the stride-2 transposed conv, torch layout [Cin=8, Cout=4, 2, 2, 2] at
+    width 1) and 17 BNs.
 
     gradients: "exact" (true gradients of the RL division/multiplication) or "paper"
     (the released training graph's surrogate gradients).
@@ -327,7 +328,7 @@ class RLN(nn.Module):
         channel repeated ``factor`` times (its conv kernel, BN and running statistics copied),
         each copy's outgoing weights divided by ``factor``. ``noise`` > 0 adds N(0, (noise·the
         kernel's std)²) to every widened conv kernel so that the copies can part in training
-        (then the function changes a little). Metadata is copied; train mode is kept."""
+        (the function then changes, more with more noise). Metadata is copied; train mode is kept."""
         factor = _check_width(factor, "RLN.widened")
         if not (noise >= 0.0 and math.isfinite(noise)):
             raise ValueError(f"RLN.widened: noise must be finite and >= 0, got {noise!r}")
@@ -523,14 +524,14 @@ def _affine(bn: nn.BatchNorm3d) -> tuple[float, float]:
 _FUSED_MAX_COUT = 8
 
 
-def _conv3d_rl_divide(inputs, weight, bias, act, skip, x, eps, scale=1.0, shift=0.0):
+def _fused_divide(inputs, weight, bias, act, skip, x, eps, scale=1.0, shift=0.0):
     if weight.shape[0] <= _FUSED_MAX_COUT:
         return ops.conv3d_rl_divide(inputs, weight, bias, act, skip, x, eps, scale, shift)
     fp = ops.conv3d(inputs, weight, bias, act=act, skip=skip)
     return ops.rl_divide(x, fp, eps=eps, scale=scale, shift=shift)
 
 
-def _conv3d_rl_multiply(inputs, weight, bias, act, e, offset):
+def _fused_multiply(inputs, weight, bias, act, e, offset):
     if weight.shape[0] <= _FUSED_MAX_COUT:
         return ops.conv3d_rl_multiply(inputs, weight, bias, act, e, offset)
     bp = ops.conv3d(inputs, weight, bias, act=act)
@@ -596,7 +597,7 @@ class FusedRLN(nn.Module):
         """
         w, b = getattr(self, f"w_{name}"), getattr(self, f"b_{name}")
         if not want:  # FP's channels never reach memory
-            return _conv3d_rl_divide(inputs, w, b, "softplus", skip, skip, _DIV_EPS, *affine), {}
+            return _fused_divide(inputs, w, b, "softplus", skip, skip, _DIV_EPS, *affine), {}
         fp = ops.conv3d(inputs, w, b, act="softplus", skip=skip)
         r = ops.rl_divide(skip, fp, eps=_DIV_EPS, scale=affine[0], shift=affine[1])
         return r, {"FP": _mean_c(fp), "ratio": ops.rl_divide(skip, fp, eps=_DIV_EPS)}
@@ -612,7 +613,7 @@ class FusedRLN(nn.Module):
         """BP + update: e * (mean_c(SP(conv(inputs))) + offset), [N, 1, ...]; with want, also g."""
         w, b = getattr(self, f"w_{name}"), getattr(self, f"b_{name}")
         if not want:  # BP's channels never reach memory
-            return _conv3d_rl_multiply(inputs, w, b, "softplus", e, offset), {}
+            return _fused_multiply(inputs, w, b, "softplus", e, offset), {}
         bp = ops.conv3d(inputs, w, b, act="softplus")
         return ops.rl_multiply(e, bp, offset=offset), {"g": _mean_c(bp) + offset}
 
@@ -649,7 +650,7 @@ class FusedRLN(nn.Module):
         xd = F.avg_pool3d(x, 2)
         a1 = self._conv_sp(xd, "e1")
         a2 = self._conv_sp(a1, "e2")
-        r1 = _conv3d_rl_divide([a1, a2], self.w_e3, self.b_e3, "softplus", xd, xd, _DIV_EPS, *self.t1)
+        r1 = _fused_divide([a1, a2], self.w_e3, self.b_e3, "softplus", xd, xd, _DIV_EPS, *self.t1)
         del a1, a2, xd
         b1 = self._conv_sp(r1, "e4")
         b2 = self._conv_sp(b1, "e5")
@@ -661,7 +662,7 @@ class FusedRLN(nn.Module):
             # up planes [lo, hi) come from b3 planes [lo/2, ceil(hi/2)); lo is even.
             pad_z = 1 if (hi == D and D % 2) else 0
             up = _softplus(_up2(b3[:, :, lo // 2:hi // 2], self.w_e7, self.b_e7, (pad_z, oh, ow)))
-            return _conv3d_rl_multiply(up, self.w_e8, self.b_e8, "softplus", x[:, :, lo:hi], 0.0)
+            return _fused_multiply(up, self.w_e8, self.b_e8, "softplus", x[:, :, lo:hi], 0.0)
 
         e1 = self._run_slabs(torch.empty_like(x), slabs, 2, e1pre_slab)
         b3 = None  # frees the half-resolution features (the closure above is done with them)
@@ -670,14 +671,14 @@ class FusedRLN(nn.Module):
         # H2 at full resolution.
         def r2_slab(lo: int, hi: int) -> torch.Tensor:
             xs = x[:, :, lo:hi]
-            return _conv3d_rl_divide(self._conv_sp(xs, "u1"), self.w_u2, self.b_u2, "softplus",
-                                        xs, xs, _DIV_EPS, *self.t3)
+            return _fused_divide(self._conv_sp(xs, "u1"), self.w_u2, self.b_u2, "softplus",
+                                 xs, xs, _DIV_EPS, *self.t3)
 
         r2 = self._run_slabs(torch.empty_like(x), slabs, 2, r2_slab)
 
         def e2pre_slab(lo: int, hi: int) -> torch.Tensor:
-            return _conv3d_rl_multiply(self._conv_sp(r2[:, :, lo:hi], "u3"), self.w_u4,
-                                          self.b_u4, "softplus", e1[:, :, lo:hi], 1.0)
+            return _fused_multiply(self._conv_sp(r2[:, :, lo:hi], "u3"), self.w_u4,
+                                   self.b_u4, "softplus", e1[:, :, lo:hi], 1.0)
 
         e2 = self._run_slabs(torch.empty_like(x), slabs, 2, e2pre_slab)
         r2 = None  # frees the ratio volume
@@ -688,7 +689,7 @@ class FusedRLN(nn.Module):
             e2s, e1s = e2[:, :, lo:hi], e1[:, :, lo:hi]
             m1 = ops.conv3d(e2s, self.w_u5, None, act="softplus")
             m2 = ops.conv3d([m1, e2s, e1s], self.w_u6, None, act="softplus")
-            return _conv3d_rl_multiply([m1, m2], self.w_u7, self.b_u7, "softplus", None, 0.0)
+            return _fused_multiply([m1, m2], self.w_u7, self.b_u7, "softplus", None, 0.0)
 
         return self._run_slabs(torch.empty_like(x), slabs, 3, out_slab)
 
