@@ -13,12 +13,22 @@ from rln_fast import psf as psf_models
 _SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "evaluate_default_model.py"
 
 
-@pytest.fixture(scope="module")
-def ev():
-    spec = importlib.util.spec_from_file_location("evaluate_default_model", _SCRIPT)
+def _load_script(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture(scope="module")
+def ev():
+    return _load_script(_SCRIPT)
+
+
+@pytest.fixture
+def tr():
+    """scripts/train_default_model.py, loaded afresh for each test (tests patch it)."""
+    return _load_script(_SCRIPT.parent / "train_default_model.py")
 
 
 @pytest.fixture(scope="module")
@@ -73,11 +83,7 @@ def test_background_stats_on_the_input_itself(ev):
     assert 0 < s["bg_mean"] < 0.01 and s["bg_mean"] < s["bg_p999"] < 0.01
 
 
-def test_the_training_script_never_draws_the_held_out_phantoms(ev, monkeypatch, capsys):
-    path = _SCRIPT.parent / "train_default_model.py"
-    spec = importlib.util.spec_from_file_location("train_default_model", path)
-    tr = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tr)
+def test_the_training_script_never_draws_the_held_out_phantoms(ev, tr, monkeypatch, capsys):
     assert list(tr.EVALUATION_SEEDS) == ev.HELD_OUT_SEEDS
     for seed, n in ((899_999, 3), (900_008, 1), (-1, 4)):
         monkeypatch.setattr("sys.argv", ["train_default_model.py", "out", "--data-seed", str(seed),
@@ -88,11 +94,7 @@ def test_the_training_script_never_draws_the_held_out_phantoms(ev, monkeypatch, 
         assert "held-out phantoms 900001-900008" in capsys.readouterr().err
 
 
-def test_the_training_script_passes_its_gradients_option(monkeypatch):
-    path = _SCRIPT.parent / "train_default_model.py"
-    spec = importlib.util.spec_from_file_location("train_default_model", path)
-    tr = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tr)
+def test_the_training_script_passes_its_gradients_option(tr, monkeypatch):
     seen = []
     monkeypatch.setattr(tr, "train", lambda config, out, **kw: seen.append(config))
     for extra, want in (([], "paper"), (["--gradients", "exact"], "exact")):
