@@ -88,7 +88,9 @@ class TrainConfig:
     bright crop weighs as much as a dim one (its MSE would otherwise grow with the gain squared).
 
     Model: ``init_model`` (path of an ``RLN.save`` file) starts from those weights instead of
-    a random initialisation (fine-tuning; not the recipe). ``gradients="paper"`` and ``bn="official"`` reproduce the released training
+    a random initialisation (fine-tuning; not the recipe), at that model's width. ``width``
+    (not the recipe unless 1) is the width of a randomly initialised ``RLN(width=...)``; with
+    an ``init_model`` it must be None or that model's. ``gradients="paper"`` and ``bn="official"`` reproduce the released training
     graph (surrogate RL gradients, TF's running-variance update); "exact"/"torch" are
     the alternatives (see ``RLN``).
     """
@@ -139,6 +141,7 @@ class TrainConfig:
     bn: str = "official"
     seed: int = 0
     init_model: str | None = None
+    width: int | None = None
     # run
     device: str | None = None
     checkpoint_every: int = 100
@@ -191,6 +194,9 @@ class TrainConfig:
                              "kernels are already their flip means); set one of them")
         if self.init_model is not None and not Path(self.init_model).is_file():
             raise ValueError(f"TrainConfig.init_model: {self.init_model} is not a file")
+        if self.width is not None and (isinstance(self.width, bool) or not isinstance(self.width, int)
+                                       or self.width < 1):
+            raise ValueError(f"TrainConfig.width must be an integer >= 1 or None, got {self.width!r}")
         if self.bn not in ("torch", "official"):
             raise ValueError(f"TrainConfig.bn must be 'torch' or 'official', got {self.bn!r}")
 
@@ -682,7 +688,11 @@ def train(
     device = torch.device(c.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     start = RLN.load(c.init_model) if c.init_model is not None else None
-    model = RLN(gradients=c.gradients, bn=c.bn, width=start.width if start is not None else 1)
+    if start is not None and c.width not in (None, start.width):
+        raise ValueError(f"TrainConfig.width={c.width}, but init_model {c.init_model} has width "
+                         f"{start.width} (RLN.widened makes a wider start)")
+    width = start.width if start is not None else (c.width or 1)
+    model = RLN(gradients=c.gradients, bn=c.bn, width=width)
     model.reset_parameters(generator=torch.Generator().manual_seed(c.seed))
     if start is not None:  # its width too (RLN.widened makes wider starts)
         model.load_state_dict(start.state_dict())

@@ -3,7 +3,7 @@
 Usage: python scripts/train_default_model.py OUT_DIR [--steps N] [--crop S] [--volumes N] [--data-seed S]
        [--recipe official|microscopy|mixed|mixed_sparse] [--norm-scope crop|volume]
        [--norm-percentiles LOW HIGH]
-       [--init MODEL.pt] [--lr LR] [--lr-hold N] [--lr-decay-steps N] [--augment]
+       [--init MODEL.pt | --width N] [--lr LR] [--lr-hold N] [--lr-decay-steps N] [--augment]
        [--gain-augment G [--gain-weighted]] [--flip-symmetric | --flip-decay D]
        [--gradients paper|exact] [--threads N] [--device cpu|cuda]
 The PSF is a widefield Born-Wolf model at the DAPI demo stack's acquisition (voxel 0.3 x 0.13 x
@@ -67,6 +67,9 @@ def main() -> None:
                     help="the normalisation's percentiles (the recipe: 0.01 99.5); the trained model "
                          "records them and rln_deconvolve uses them")
     ap.add_argument("--init", default=None, help="start from this RLN (fine-tuning) instead of random weights")
+    ap.add_argument("--width", type=int, default=None,
+                    help="RLN(width=N) from random weights: every multi-channel layer N times wider "
+                         "(not the official architecture unless 1; with --init: that model's width)")
     ap.add_argument("--lr", type=float, default=0.025)
     ap.add_argument("--lr-hold", type=int, default=500)
     ap.add_argument("--lr-decay-steps", type=int, default=500,
@@ -104,7 +107,7 @@ def main() -> None:
                          data_seed=args.data_seed,
                          cache_volumes=args.volumes, recipe=args.recipe, norm_scope=args.norm_scope,
                          norm_percentiles=tuple(args.norm_percentiles),
-                         init_model=args.init, lr=args.lr, lr_hold=args.lr_hold,
+                         init_model=args.init, width=args.width, lr=args.lr, lr_hold=args.lr_hold,
                          lr_decay_steps=args.lr_decay_steps, augment=args.augment,
                          gain_augment=args.gain_augment, gain_weighted=args.gain_weighted,
                          flip_symmetric=args.flip_symmetric, flip_decay=args.flip_decay,

@@ -134,6 +134,9 @@ def test_config_checks():
         TrainConfig(crop=(1, 16, 16))
     with pytest.raises(ValueError, match="gradients"):
         TrainConfig(gradients="approx")
+    for width in (0, 1.5, True):
+        with pytest.raises(ValueError, match="width"):
+            TrainConfig(width=width)
     with pytest.raises(ValueError, match="norm_percentiles"):
         TrainConfig(norm_percentiles=(99.5, 0.01))
     with pytest.raises(ValueError, match="recipe"):
@@ -402,6 +405,24 @@ def test_checkpoint_from_before_a_new_config_field_resumes(tmp_path):
     assert train(c, tmp_path, progress=False).metadata["steps"] == 2
     with pytest.raises(ValueError, match="flip_symmetric"):  # the default is what it stood at
         train(dataclasses.replace(c, steps=3, flip_symmetric=True), tmp_path, progress=False)
+
+
+def test_width_trains_a_wider_network_from_random_weights(tmp_path):
+    c = _tiny(steps=2, n_val=0, checkpoint_every=1, width=2)
+    model = train(c, tmp_path / "run", progress=False)
+    assert model.width == 2 and RLN.load(tmp_path / "run" / MODEL_NAME).width == 2
+    # Its random start is RLN(width=2)'s, seeded like width 1's: a different network.
+    narrow = train(dataclasses.replace(c, width=None), tmp_path / "narrow", progress=False)
+    assert narrow.width == 1
+    assert sum(p.numel() for p in model.parameters()) > 3 * sum(p.numel() for p in narrow.parameters())
+
+
+def test_width_must_match_an_init_models(tmp_path):
+    RLN().save(tmp_path / "narrow.pt")
+    c = _tiny(steps=1, n_val=0, init_model=str(tmp_path / "narrow.pt"), width=2)
+    with pytest.raises(ValueError, match="width=2, but init_model"):
+        train(c, tmp_path / "run", progress=False)
+    assert train(dataclasses.replace(c, width=1), tmp_path / "ok", progress=False).width == 1
 
 
 def test_a_wide_init_model_trains_at_its_width(tmp_path):
