@@ -243,6 +243,26 @@ def _get_numba_kernel() -> Any:
     return raster
 
 
+def _run_keeping_torch_threads(kernel: Any, *args: Any) -> None:
+    """Runs a numba parallel kernel on no more threads than torch uses, and leaves torch's count
+    as it was.
+
+    numba's OpenMP threading layer binds to the libgomp torch has loaded, and its first launch
+    sets the calling thread's OpenMP team size to numba's own thread count (all cores). After it,
+    ``torch.get_num_threads()`` and rln_fast's CPU kernels would use every core even where the
+    caller asked for fewer (two ``--threads 1`` trainings side by side then fight over both cores).
+    """
+    import numba  # noqa: PLC0415 - loaded already: the kernel is numba's
+
+    torch_threads, numba_threads = torch.get_num_threads(), numba.get_num_threads()
+    numba.set_num_threads(max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS)))
+    try:
+        kernel(*args)
+    finally:
+        numba.set_num_threads(numba_threads)
+        torch.set_num_threads(torch_threads)
+
+
 def _raster_numpy(vol: np.ndarray, kind, lo, hi, cen, semi, inten) -> None:
     """Pure-numpy twin of the numba rasteriser (same float64 shell test, same order)."""
     shell_lo, shell_hi = SHELL_RANGE
@@ -272,7 +292,7 @@ def _rasterise(shape: tuple[int, int, int], params: dict, backend: str = "auto")
     if backend == "numba" and kernel is None:
         raise ImportError("rln_fast.synth: backend='numba' needs numba (pip install numba)")
     if kernel is not None:
-        kernel(vol, *table)
+        _run_keeping_torch_threads(kernel, vol, *table)
     else:
         _raster_numpy(vol, *table)
     return vol

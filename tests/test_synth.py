@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -336,3 +339,21 @@ def test_sparse_object_is_few_bright_small_things_on_a_dark_field():
         assert lo - 1e-6 <= float(bg.mean()) <= hi + 1e-6
         np.testing.assert_array_equal(obj, synth.sparse_object((40, 64, 64), seed=seed)[0])
     assert not np.array_equal(synth.sparse_object((40, 64, 64), 0)[0], synth.sparse_object((40, 64, 64), 1)[0])
+
+
+def test_numba_rasteriser_keeps_torchs_thread_count():
+    # numba's OpenMP layer shares torch's libgomp; its first launch in a process used to leave
+    # the caller's OpenMP team at numba's thread count, so torch.set_num_threads(1) was undone
+    # (and rln_fast's CPU kernels then ran on every core). A fresh process: the first launch.
+    numba = pytest.importorskip("numba")
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("numba runs one thread here: nothing to undo")
+    code = (
+        "import torch; torch.set_num_threads(1)\n"
+        "from rln_fast import synth\n"
+        "torch.ones(8).sum(), torch.get_num_threads()  # torch's OpenMP in use first, as in training\n"
+        f"synth.phantom({SMALL}, seed=1, backend='numba')\n"
+        "print(torch.get_num_threads())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-1] == "1"
