@@ -136,6 +136,23 @@ def test_the_model_cards_diagnostics_still_import_and_parse(name):
     assert "usage:" in done.stdout and "Diagnostic" in done.stdout
 
 
+def test_the_photon_range_diagnostic_trains_on_its_range(monkeypatch, capsys):
+    from rln_fast import synth
+
+    script = _load_script(_SCRIPT.parent / "diagnostics" / "photon_range.py")
+    monkeypatch.setattr(synth, "MICRO_PHOTONS", synth.MICRO_PHOTONS)  # restored after the test
+    seen = []
+    monkeypatch.setattr(script, "train", lambda config, out, **kw: seen.append((config, synth.MICRO_PHOTONS)))
+    monkeypatch.setattr("sys.argv", ["photon_range.py", "out", "300", "3000", "--steps", "2"])
+    script.main()
+    config, photons = seen[-1]
+    assert photons == (300.0, 3000.0) and (config.steps, config.lr, config.recipe) == (2, 0.0003, "mixed")
+    monkeypatch.setattr("sys.argv", ["photon_range.py", "out", "3000", "300"])
+    with pytest.raises(SystemExit):
+        script.main()
+    assert "LOW <= HIGH" in capsys.readouterr().err
+
+
 # The model card's stages 5, 7 and 9: (edit, the stage it was made from, the stage trained
 # from it; None for the shipped default).
 _FLIP_EDITS = [
