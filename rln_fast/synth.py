@@ -692,6 +692,7 @@ def microscopy_pair(
     device: str | torch.device | None = None,
     kind: str = "cells",
     background_in_truth: float = 1.0,
+    outside_objects: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A training pair (gt, raw) that looks like a microscope stack; float32 numpy (z, y, x).
 
@@ -699,6 +700,9 @@ def microscopy_pair(
     background_in_truth: the fraction of the uneven background that gt holds, in [0, 1]: 1
     (the recipes) keeps it all, 0 leaves it out so that a network learns to remove it as
     haze. raw is the same whatever the fraction (ablations in the model card).
+    outside_objects: False empties the object above and below the volume (the background
+    stays), so that raw holds no out-of-focus haze from outside it (an ablation; the recipes
+    keep them).
     The object and background are drawn taller than ``shape`` by
     the PSF's axial half-size above and below, so that objects outside the volume send
     out-of-focus haze into it. With P the peak photons (log-uniform 30-3000):
@@ -720,6 +724,9 @@ def microscopy_pair(
     if not 0.0 <= keep <= 1.0:
         raise ValueError(f"background_in_truth must be in [0, 1], got {background_in_truth!r}")
     obj, bg = (microscopy_object if kind == "cells" else sparse_object)(tall, seed)
+    if not outside_objects:
+        obj[:margin] = 0.0
+        obj[margin + shape_t[0]:] = 0.0
     rng = np.random.default_rng([seed, 1])  # camera draws, independent of the object's stream
     photons = _log_uniform(rng, *MICRO_PHOTONS)
     gain = _log_uniform(rng, *MICRO_GAIN)

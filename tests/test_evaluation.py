@@ -136,21 +136,28 @@ def test_the_model_cards_diagnostics_still_import_and_parse(name):
     assert "usage:" in done.stdout and "Diagnostic" in done.stdout
 
 
-def test_the_photon_range_diagnostic_trains_on_its_range(monkeypatch, capsys):
+def test_the_microscopy_variant_diagnostic_changes_what_it_is_asked_to(monkeypatch, capsys):
     from rln_fast import synth
 
-    script = _load_script(_SCRIPT.parent / "diagnostics" / "photon_range.py")
-    monkeypatch.setattr(synth, "MICRO_PHOTONS", synth.MICRO_PHOTONS)  # restored after the test
+    script = _load_script(_SCRIPT.parent / "diagnostics" / "microscopy_variant.py")
+    monkeypatch.setattr(synth, "MICRO_PHOTONS", synth.MICRO_PHOTONS)  # both restored after the test
+    monkeypatch.setattr(synth, "microscopy_pair", synth.microscopy_pair)
     seen = []
-    monkeypatch.setattr(script, "train", lambda config, out, **kw: seen.append((config, synth.MICRO_PHOTONS)))
-    monkeypatch.setattr("sys.argv", ["photon_range.py", "out", "300", "3000", "--steps", "2"])
+    monkeypatch.setattr(script, "train",
+                        lambda config, out, **kw: seen.append((config, synth.MICRO_PHOTONS, synth.microscopy_pair)))
+    monkeypatch.setattr("sys.argv", ["microscopy_variant.py", "out", "--photons", "300", "3000", "--steps", "2"])
     script.main()
-    config, photons = seen[-1]
+    config, photons, pair = seen[-1]
     assert photons == (300.0, 3000.0) and (config.steps, config.lr, config.recipe) == (2, 0.0003, "mixed")
-    monkeypatch.setattr("sys.argv", ["photon_range.py", "out", "3000", "300"])
-    with pytest.raises(SystemExit):
-        script.main()
-    assert "LOW <= HIGH" in capsys.readouterr().err
+    assert not hasattr(pair, "keywords")  # the objects outside the volume kept
+    monkeypatch.setattr("sys.argv", ["microscopy_variant.py", "out", "--no-outside-objects"])
+    script.main()
+    assert seen[-1][2].keywords == {"outside_objects": False}
+    for argv, message in ((["--photons", "3000", "300"], "LOW <= HIGH"), ([], "nothing to change")):
+        monkeypatch.setattr("sys.argv", ["microscopy_variant.py", "out", *argv])
+        with pytest.raises(SystemExit):
+            script.main()
+        assert message in capsys.readouterr().err
 
 
 # The model card's stages 5, 7 and 9: (edit, the stage it was made from, the stage trained

@@ -236,6 +236,20 @@ def test_microscopy_background_can_be_left_out_of_the_truth():
             synth.microscopy_pair(psf, MICRO, seed=7, background_in_truth=bad)
 
 
+def test_microscopy_objects_outside_the_volume_can_be_left_out():
+    psf = _gauss_psf()
+    g_in, r_in = synth.microscopy_pair(psf, MICRO, seed=7)
+    g_out, r_out = synth.microscopy_pair(psf, MICRO, seed=7, outside_objects=False)
+    # The truth is the same light inside the volume, up to the photon scale (set by the brightest
+    # blurred voxel of the tall volume, which may lie outside it); the raw loses their haze.
+    scale = float(g_in.max()) / float(g_out.max())
+    np.testing.assert_allclose(g_out.astype(np.float64) * scale, g_in, rtol=1e-4, atol=1e-4 * float(g_in.max()))
+    assert not np.array_equal(r_in, r_out)
+    margin = psf.shape[0] // 2
+    obj, _ = synth.microscopy_object((MICRO[0] + 2 * margin, *MICRO[1:]), 7)
+    assert obj[:margin].max() > 0 or obj[margin + MICRO[0]:].max() > 0  # there was something to remove
+
+
 def test_microscopy_determinism_per_seed():
     psf = _gauss_psf()
     g1, r1 = synth.microscopy_pair(psf, MICRO, seed=5)
