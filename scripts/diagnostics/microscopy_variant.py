@@ -1,7 +1,7 @@
 """Diagnostic: fine-tune with the mixed recipe's microscopy volumes changed in one respect.
 
 Usage: python scripts/diagnostics/microscopy_variant.py OUT_DIR [--photons LOW HIGH]
-       [--no-outside-objects] [--steps 600] [--init MODEL] [--lr 0.0003]
+       [--no-outside-objects] [--ideal-camera] [--steps 600] [--init MODEL] [--lr 0.0003]
 
 The model trained on the official recipe alone keeps thin bright bars sharper (inside the bar
 17.3 dB against 15.2 for the shipped model; model card), so some part of the "mixed" recipe's
@@ -11,7 +11,10 @@ with the microscopy volumes changed:
   --photons LOW HIGH      peak photons log-uniform in LOW-HIGH (the recipe: 30-3000,
                           ``synth.MICRO_PHOTONS``);
   --no-outside-objects    no objects above and below the volume, so no out-of-focus haze
-                          from outside it (``synth.microscopy_pair(..., outside_objects=False)``).
+                          from outside it (``synth.microscopy_pair(..., outside_objects=False)``);
+  --ideal-camera          gain 1 ADU per photon, offset 0, no read noise: pure Poisson counts,
+                          as in the evaluation's volumes (the recipe: gain 0.5-4, offset 0-500,
+                          read noise 0.5-8 ADU).
 Everything else (objects, backgrounds, cameras, the official half) is unchanged. Evaluate
 OUT_DIR/model.pt with ``evaluate_default_model.py``; the results are in the model card (not
 shipped).
@@ -36,12 +39,13 @@ def main() -> None:
     ap.add_argument("out_dir")
     ap.add_argument("--photons", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"))
     ap.add_argument("--no-outside-objects", action="store_true")
+    ap.add_argument("--ideal-camera", action="store_true")
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--init", default=str(DEFAULT_MODEL))
     ap.add_argument("--lr", type=float, default=0.0003)
     args = ap.parse_args()
-    if args.photons is None and not args.no_outside_objects:
-        ap.error("nothing to change: give --photons LOW HIGH and/or --no-outside-objects")
+    if args.photons is None and not (args.no_outside_objects or args.ideal_camera):
+        ap.error("nothing to change: give --photons LOW HIGH, --no-outside-objects and/or --ideal-camera")
     if args.photons is not None:
         low, high = args.photons
         if not 0.0 < low <= high:
@@ -51,6 +55,8 @@ def main() -> None:
     if args.no_outside_objects:
         # phantom_pair reaches microscopy_pair through the module, so this reaches training's data.
         synth.microscopy_pair = functools.partial(synth.microscopy_pair, outside_objects=False)
+    if args.ideal_camera:
+        synth.MICRO_GAIN, synth.MICRO_OFFSET, synth.MICRO_READ_NOISE = (1.0, 1.0), (0.0, 0.0), (0.0, 0.0)
     train(stage4b_fine_tune(args.init, args.steps, lr=args.lr), args.out_dir, resume=True, progress=True)
 
 
