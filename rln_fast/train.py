@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rln_fast.models.rln import RLN
+from rln_fast.models.rln import RLN, _check_width
 
 __all__ = [
     "TrainConfig", "train", "learning_rate", "global_ssim", "rln_loss", "normalize_crop", "default_psf",
@@ -194,9 +194,8 @@ class TrainConfig:
                              "kernels are already their flip means); set one of them")
         if self.init_model is not None and not Path(self.init_model).is_file():
             raise ValueError(f"TrainConfig.init_model: {self.init_model} is not a file")
-        if self.width is not None and (isinstance(self.width, bool) or not isinstance(self.width, int)
-                                       or self.width < 1):
-            raise ValueError(f"TrainConfig.width must be an integer >= 1 or None, got {self.width!r}")
+        if self.width is not None:
+            _check_width(self.width, "TrainConfig")  # None: the init model's width, or 1
         if self.bn not in ("torch", "official"):
             raise ValueError(f"TrainConfig.bn must be 'torch' or 'official', got {self.bn!r}")
 
