@@ -551,7 +551,8 @@ def _uneven_background(rng: np.random.Generator, shape: tuple[int, int, int],
     return (field * (rng.uniform(*mean) / float(field.mean()))).astype(np.float32)
 
 
-def microscopy_object(shape: Sequence[int], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def microscopy_object(shape: Sequence[int], seed: int = 0, textured: bool = True,
+                      sharp_edges: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(object, background) float32 (z, y, x), values >= 0, object maximum 1: a pure function of seed.
 
     object: 2-7 textured, soft-edged ellipsoids of nucleus/cell size (lateral semi-axes
@@ -561,6 +562,10 @@ def microscopy_object(shape: Sequence[int], seed: int = 0) -> tuple[np.ndarray, 
     0-300 puncta (Gaussian spots). background: a smooth, uneven field (features tens of
     voxels across) with a mean of 0-0.15 of the object's maximum. Objects may lie partly
     outside the volume.
+    Ablations (the recipes keep the defaults; every draw is made either way, so the objects
+    are the same): ``textured=False`` fills each ellipsoid evenly (no texture);
+    ``sharp_edges=True`` gives a solid ellipsoid an edge 0.25 voxels wide instead of 0.7-2,
+    and a hollow one a shell of half its drawn thickness (σ 0.35-1 voxels instead of 1-2).
     """
     shape_t = _object_shape(shape)
     rng = np.random.default_rng(_check_seed(seed))
@@ -592,11 +597,14 @@ def microscopy_object(shape: Sequence[int], seed: int = 0) -> tuple[np.ndarray, 
         rho = np.sqrt((z / axes[0]) ** 2 + (u / axes[1]) ** 2 + (v / axes[2]) ** 2)
         depth = (1.0 - rho) * axes[1]  # ~voxels inside the surface
         if hollow:
-            mask = np.exp(-0.5 * (depth / max(edge, 1.0)) ** 2)
+            shell = edge / 2 if sharp_edges else max(edge, 1.0)
+            mask = np.exp(-0.5 * (depth / shell) ** 2)
         else:
-            mask = 1.0 / (1.0 + np.exp(-np.clip(depth / edge, -30, 30)))
+            mask = 1.0 / (1.0 + np.exp(-np.clip(depth / (0.25 if sharp_edges else edge), -30, 30)))
         sl = tuple(slice(lo[a], hi[a]) for a in range(3))
         texture = mix * tex[0][sl] + (1 - mix) * tex[1][sl]
+        if not textured:
+            contrast = 0.0
         val = brightness * mask * np.clip(1.0 + contrast * texture, 0.0, None)
         np.maximum(obj[sl], val.astype(np.float32), out=obj[sl])
     # Filaments: smooth random walks splatted into the grid, then thickened.
@@ -693,6 +701,8 @@ def microscopy_pair(
     kind: str = "cells",
     background_in_truth: float = 1.0,
     outside_objects: bool = True,
+    textured: bool = True,
+    sharp_edges: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A training pair (gt, raw) that looks like a microscope stack; float32 numpy (z, y, x).
 
@@ -702,7 +712,7 @@ def microscopy_pair(
     haze. raw is the same whatever the fraction (ablations in the model card).
     outside_objects: False empties the object above and below the volume (the background
     stays), so that raw holds no out-of-focus haze from outside it (an ablation; the recipes
-    keep them).
+    keep them). textured, sharp_edges: ``microscopy_object``'s ablations (kind "cells" only).
     The object and background are drawn taller than ``shape`` by
     the PSF's axial half-size above and below, so that objects outside the volume send
     out-of-focus haze into it. With P the peak photons (log-uniform 30-3000):
@@ -723,7 +733,12 @@ def microscopy_pair(
     keep = float(background_in_truth)
     if not 0.0 <= keep <= 1.0:
         raise ValueError(f"background_in_truth must be in [0, 1], got {background_in_truth!r}")
-    obj, bg = (microscopy_object if kind == "cells" else sparse_object)(tall, seed)
+    if kind == "cells":
+        obj, bg = microscopy_object(tall, seed, textured=textured, sharp_edges=sharp_edges)
+    elif not textured or sharp_edges:
+        raise ValueError("textured and sharp_edges apply to kind='cells' only")
+    else:
+        obj, bg = sparse_object(tall, seed)
     if not outside_objects:
         obj[:margin] = 0.0
         obj[margin + shape_t[0]:] = 0.0

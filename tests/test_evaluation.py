@@ -158,6 +158,14 @@ def test_the_microscopy_variant_diagnostic_changes_what_it_is_asked_to(monkeypat
     monkeypatch.setattr("sys.argv", ["microscopy_variant.py", "out", "--ideal-camera"])
     script.main()
     assert (synth.MICRO_GAIN, synth.MICRO_OFFSET, synth.MICRO_READ_NOISE) == ((1.0, 1.0), (0.0, 0.0), (0.0, 0.0))
+    monkeypatch.setattr(synth, "microscopy_pair", synth.microscopy_pair.func)
+    monkeypatch.setattr("sys.argv", ["microscopy_variant.py", "out", "--no-texture"])
+    script.main()
+    assert seen[-1][2].keywords == {"textured": False}
+    monkeypatch.setattr(synth, "microscopy_pair", seen[-1][2].func)
+    monkeypatch.setattr("sys.argv", ["microscopy_variant.py", "out", "--sharp-edges", "--no-outside-objects"])
+    script.main()
+    assert seen[-1][2].keywords == {"outside_objects": False, "sharp_edges": True}
     for argv, message in ((["--photons", "3000", "300"], "LOW <= HIGH"), ([], "nothing to change")):
         monkeypatch.setattr("sys.argv", ["microscopy_variant.py", "out", *argv])
         with pytest.raises(SystemExit):

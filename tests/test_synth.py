@@ -250,6 +250,39 @@ def test_microscopy_objects_outside_the_volume_can_be_left_out():
     assert obj[:margin].max() > 0 or obj[margin + MICRO[0]:].max() > 0  # there was something to remove
 
 
+def test_microscopy_texture_and_edges_can_be_ablated():
+    shape = (40, 64, 64)
+    ref, bg = synth.microscopy_object(shape, seed=2)
+    flat, bg_flat = synth.microscopy_object(shape, seed=2, textured=False)
+    sharp, bg_sharp = synth.microscopy_object(shape, seed=2, sharp_edges=True)
+    # Every draw is still made: the background (drawn last) is the same.
+    np.testing.assert_array_equal(bg, bg_flat)
+    np.testing.assert_array_equal(bg, bg_sharp)
+    assert not np.array_equal(ref, flat) and not np.array_equal(ref, sharp)
+
+    def roughness(vol, where):  # mean |Laplacian| over the voxels in where
+        lap = sum(np.diff(vol.astype(np.float64), 2, axis=a)[tuple(slice(1, -1) if b != a else slice(None)
+                                                               for b in range(3))] for a in range(3))
+        return float(np.abs(lap)[where[1:-1, 1:-1, 1:-1]].mean())
+
+    # Deep inside the objects the untextured volume is flat; the textured one is not.
+    inside = flat > 0.2
+    for axis in range(3):
+        for step in (1, -1):
+            inside &= np.abs(flat - np.roll(flat, step, axis=axis)) < 1e-5
+    assert inside.sum() > 100
+    assert roughness(flat, inside) < 0.01 * roughness(ref, inside)
+    # Sharp edges: steeper steps at the objects' surfaces (the same objects otherwise).
+    assert np.abs(np.diff(sharp, axis=2)).max() > np.abs(np.diff(ref, axis=2)).max()
+    psf = _gauss_psf()
+    g, r = synth.microscopy_pair(psf, MICRO, seed=7)
+    g2, r2 = synth.microscopy_pair(psf, MICRO, seed=7, textured=False, sharp_edges=True)
+    assert not np.array_equal(g, g2) and not np.array_equal(r, r2)
+    for bad in ({"textured": False}, {"sharp_edges": True}):
+        with pytest.raises(ValueError, match="kind='cells' only"):
+            synth.microscopy_pair(psf, MICRO, seed=7, kind="sparse", **bad)
+
+
 def test_microscopy_determinism_per_seed():
     psf = _gauss_psf()
     g1, r1 = synth.microscopy_pair(psf, MICRO, seed=5)
@@ -299,7 +332,7 @@ def test_microscopy_haze_from_outside_the_volume(monkeypatch):
     margin = psf.shape[0] // 2
     tall = (MICRO[0] + 2 * margin, *MICRO[1:])
 
-    def above_only(shape, seed=0):
+    def above_only(shape, seed=0, **ablations):
         assert tuple(shape) == tall
         obj = np.zeros(shape, np.float32)
         obj[margin - 2:margin, 8:24, 8:20] = 1.0
