@@ -2,7 +2,7 @@
 
 Usage: python scripts/diagnostics/microscopy_variant.py OUT_DIR [--photons LOW HIGH]
        [--no-outside-objects] [--ideal-camera] [--no-texture] [--sharp-edges]
-       [--steps 600] [--init MODEL] [--lr 0.0003]
+       [--microscopy-every N] [--steps 600] [--init MODEL] [--lr 0.0003]
 
 The model trained on the official recipe alone keeps thin bright bars sharper (inside the bar
 17.3 dB against 15.2 for the shipped model; model card), so some part of the "mixed" recipe's
@@ -20,7 +20,9 @@ with the microscopy volumes changed:
                           textured=False)``; the recipe: a smooth random texture);
   --sharp-edges           nuclei and cells with edges 0.25 voxels wide and hollow ones with
                           shells half as thick (``synth.microscopy_object(...,
-                          sharp_edges=True)``; the recipe: edges 0.7-2 voxels, shells 1-2).
+                          sharp_edges=True)``; the recipe: edges 0.7-2 voxels, shells 1-2);
+  --microscopy-every N    one volume in N a microscopy volume (seeds with seed % N == N - 1),
+                          the others official (the "mixed" recipe: one in 2, the odd seeds).
 Everything else (objects, backgrounds, cameras, the official half) is unchanged. Evaluate
 OUT_DIR/model.pt with ``evaluate_default_model.py``; the results are in the model card (not
 shipped).
@@ -40,6 +42,21 @@ from rln_fast import synth  # noqa: E402
 from rln_fast.train import train  # noqa: E402
 
 
+def _mixed_one_in(n: int, pair):
+    """``pair`` (synth.phantom_pair) with the "mixed" recipe drawing a microscopy volume for one
+    seed in n (seed % n == n - 1) and an official one for the others."""
+
+    @functools.wraps(pair)
+    def mixed(*args, recipe: str = "official", **kwargs):
+        if recipe == "mixed":
+            seed = kwargs["seed"] if "seed" in kwargs else args[2]
+            recipe = "microscopy" if seed % n == n - 1 else "official"
+        return pair(*args, recipe=recipe, **kwargs)
+
+    mixed.one_in = n
+    return mixed
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out_dir")
@@ -48,14 +65,19 @@ def main() -> None:
     ap.add_argument("--ideal-camera", action="store_true")
     ap.add_argument("--no-texture", action="store_true")
     ap.add_argument("--sharp-edges", action="store_true")
+    ap.add_argument("--microscopy-every", type=int, default=None, metavar="N")
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--init", default=str(DEFAULT_MODEL))
     ap.add_argument("--lr", type=float, default=0.0003)
     args = ap.parse_args()
     if args.photons is None and not (args.no_outside_objects or args.ideal_camera or args.no_texture
-                                     or args.sharp_edges):
+                                     or args.sharp_edges or args.microscopy_every is not None):
         ap.error("nothing to change: give --photons LOW HIGH, --no-outside-objects, --ideal-camera, "
-                 "--no-texture and/or --sharp-edges")
+                 "--no-texture, --sharp-edges and/or --microscopy-every N")
+    if args.microscopy_every is not None:
+        if args.microscopy_every < 1:
+            ap.error(f"--microscopy-every must be >= 1, got {args.microscopy_every}")
+        synth.phantom_pair = _mixed_one_in(args.microscopy_every, synth.phantom_pair)
     if args.photons is not None:
         low, high = args.photons
         if not 0.0 < low <= high:
