@@ -417,7 +417,8 @@ def phantom_pair(
     """One training pair (gt, raw), both float32 numpy (z, y, x) of ``shape``.
 
     recipe: "official" (default, described here), "microscopy" (``microscopy_pair``; scale
-    and read_noise are then ignored), "mixed" (official for even seeds, microscopy for odd)
+    and read_noise are then ignored), "mixed" (official for even seeds, microscopy for odd;
+    generally microscopy where seed % ``MIXED_MICROSCOPY_EVERY`` is its last value)
     or "mixed_sparse" (by seed % 3: official, microscopy, ``microscopy_pair(...,
     kind="sparse")``).
 
@@ -430,7 +431,8 @@ def phantom_pair(
         raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
     shape_t = _check_shape(shape)
     seed = _check_seed(seed)
-    if recipe == "microscopy" or (recipe == "mixed" and seed % 2 == 1) or (
+    every = MIXED_MICROSCOPY_EVERY
+    if recipe == "microscopy" or (recipe == "mixed" and seed % every == every - 1) or (
             recipe == "mixed_sparse" and seed % 3 == 1):
         return microscopy_pair(psf, shape_t, seed, device)
     if recipe == "mixed_sparse" and seed % 3 == 2:
@@ -510,6 +512,7 @@ MICRO_RADIUS = (8.0, 40.0)  # their lateral semi-axes, voxels
 MICRO_Z_RATIO = (0.35, 0.8)  # z semi-axis / lateral semi-axis (z voxels are coarser)
 MICRO_FILAMENTS = (0, 30)  # filaments per volume, inclusive
 MICRO_PUNCTA = (0, 300)  # small spots per volume, inclusive
+MIXED_MICROSCOPY_EVERY = 2  # the "mixed" recipe: one volume in this many a microscopy one
 MICRO_PHOTONS = (30.0, 3000.0)  # peak photons of the blurred object, log-uniform
 MICRO_BACKGROUND = (0.0, 0.15)  # mean of the uneven background, fraction of the peak
 MICRO_OFFSET = (0.0, 500.0)  # camera offset (ADU), uniform

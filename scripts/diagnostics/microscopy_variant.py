@@ -22,7 +22,8 @@ with the microscopy volumes changed:
                           shells half as thick (``synth.microscopy_object(...,
                           sharp_edges=True)``; the recipe: edges 0.7-2 voxels, shells 1-2);
   --microscopy-every N    one volume in N a microscopy volume (seeds with seed % N == N - 1),
-                          the others official (the "mixed" recipe: one in 2, the odd seeds).
+                          the others official (``synth.MIXED_MICROSCOPY_EVERY``; the "mixed"
+                          recipe: one in 2, the odd seeds).
 Everything else (objects, backgrounds, cameras, the official half) is unchanged. Evaluate
 OUT_DIR/model.pt with ``evaluate_default_model.py``; the results are in the model card (not
 shipped).
@@ -40,21 +41,6 @@ from train_default_model import DEFAULT_MODEL, stage4b_fine_tune  # noqa: E402
 
 from rln_fast import synth  # noqa: E402
 from rln_fast.train import train  # noqa: E402
-
-
-def _mixed_one_in(n: int, pair):
-    """``pair`` (synth.phantom_pair) with the "mixed" recipe drawing a microscopy volume for one
-    seed in n (seed % n == n - 1) and an official one for the others."""
-
-    @functools.wraps(pair)
-    def mixed(*args, recipe: str = "official", **kwargs):
-        if recipe == "mixed":
-            seed = kwargs["seed"] if "seed" in kwargs else args[2]
-            recipe = "microscopy" if seed % n == n - 1 else "official"
-        return pair(*args, recipe=recipe, **kwargs)
-
-    mixed.one_in = n
-    return mixed
 
 
 def main() -> None:
@@ -77,7 +63,8 @@ def main() -> None:
     if args.microscopy_every is not None:
         if args.microscopy_every < 1:
             ap.error(f"--microscopy-every must be >= 1, got {args.microscopy_every}")
-        synth.phantom_pair = _mixed_one_in(args.microscopy_every, synth.phantom_pair)
+        # phantom_pair reads the share from the module when it draws, so this reaches training's data.
+        synth.MIXED_MICROSCOPY_EVERY = args.microscopy_every
     if args.photons is not None:
         low, high = args.photons
         if not 0.0 < low <= high:
