@@ -5,9 +5,9 @@ pass), cut ``batch_size`` random crops from it (a crop is redrawn while its GT m
 below ``crop_min_ratio`` × the volume's GT mean, at most ``crop_retries`` times),
 normalise each crop by its own percentiles, run the RLN, and take one Adam step on
 
-    loss = e1_weight·mse(E1pre, f·GT + (1 − f)·x) + mse(out, GT) − log((1 + SSIM(out, GT)) / 2)
+    loss = e1_weight·mse(E1pre, f·GT + (1 − f)·x) + mse_weight·mse(out, GT) − log((1 + SSIM(out, GT)) / 2)
 
-with f = ``e1_gt_fraction`` and SSIM one global window over the batch. Crops are cut on
+with f = ``e1_gt_fraction``, mse_weight 1 (the recipe) and SSIM one global window over the batch. Crops are cut on
 the host; they are normalised with numpy on the CPU and with torch.quantile on a GPU
 (the two agree up to float rounding).
 
@@ -125,6 +125,8 @@ class TrainConfig:
     flip_decay: float = 0.0
     # loss
     e1_weight: float = 0.1
+    # the output's mse term (the recipe: 1; the SSIM term is then ~15x larger on a trained model)
+    mse_weight: float = 1.0
     e1_gt_fraction: float = 0.8
     ssim_c1: float = 1e-4
     ssim_c2: float = 9e-4
@@ -187,6 +189,8 @@ class TrainConfig:
         if self.gain_weighted and self.gain_augment == 1.0:
             raise ValueError("TrainConfig.gain_weighted needs gain_augment > 1 (there is no gain "
                              "to weigh the loss by)")
+        if not (math.isfinite(self.mse_weight) and self.mse_weight >= 0.0):
+            raise ValueError(f"TrainConfig.mse_weight must be a finite number >= 0, got {self.mse_weight!r}")
         if not (math.isfinite(self.flip_decay) and 0.0 <= self.flip_decay < 1.0):
             raise ValueError(f"TrainConfig.flip_decay must be in [0, 1), got {self.flip_decay!r}")
         if self.flip_decay > 0.0 and self.flip_symmetric:
@@ -273,7 +277,7 @@ def rln_loss(
     mse_out = F.mse_loss(out, gt)
     ssim = global_ssim(out, gt, c.ssim_c1, c.ssim_c2)
     ssim_term = -torch.log((1.0 + ssim) / 2.0)
-    loss = c.e1_weight * mse_e1 + mse_out + ssim_term
+    loss = c.e1_weight * mse_e1 + c.mse_weight * mse_out + ssim_term
     return loss, {"mse_e1": mse_e1, "mse_out": mse_out, "ssim": ssim, "ssim_term": ssim_term}
 
 

@@ -94,14 +94,15 @@ def test_the_training_script_never_draws_the_held_out_phantoms(ev, tr, monkeypat
         assert "held-out phantoms 900001-900008" in capsys.readouterr().err
 
 
-def test_the_training_script_passes_its_gradients_and_width_options(tr, monkeypatch):
+def test_the_training_script_passes_its_gradients_width_and_mse_weight_options(tr, monkeypatch):
     seen = []
     monkeypatch.setattr(tr, "train", lambda config, out, **kw: seen.append(config))
-    cases = (([], "paper", None), (["--gradients", "exact"], "exact", None), (["--width", "2"], "paper", 2))
-    for extra, gradients, width in cases:
+    cases = (([], "paper", None, 1.0), (["--gradients", "exact"], "exact", None, 1.0),
+             (["--width", "2"], "paper", 2, 1.0), (["--mse-weight", "10"], "paper", None, 10.0))
+    for extra, gradients, width, mse_weight in cases:
         monkeypatch.setattr("sys.argv", ["train_default_model.py", "out", "--steps", "1", *extra])
         tr.main()
-        assert (seen[-1].gradients, seen[-1].width) == (gradients, width)
+        assert (seen[-1].gradients, seen[-1].width, seen[-1].mse_weight) == (gradients, width, mse_weight)
 
 
 def test_scores_inside_the_object_leave_the_background_out(ev):

@@ -80,6 +80,23 @@ def test_loss_formula():
     assert float(loss) == pytest.approx(0.1 * float(e1), abs=1e-6)
 
 
+def test_mse_weight_scales_only_the_outputs_mse_term():
+    g = torch.Generator().manual_seed(2)
+    x, gt = torch.rand(2, 1, 8, 8, 8, generator=g), torch.rand(2, 1, 8, 8, 8, generator=g)
+    outs = {"E1pre": torch.rand(2, 1, 8, 8, 8, generator=g), "output": torch.rand(2, 1, 8, 8, 8, generator=g)}
+    base, parts = rln_loss(outs, x, gt)
+    heavy, heavy_parts = rln_loss(outs, x, gt, TrainConfig(mse_weight=10.0))
+    assert float(parts["mse_out"]) > 0.0
+    assert float(heavy - base) == pytest.approx(9.0 * float(parts["mse_out"]), rel=1e-5)
+    for k in parts:
+        assert float(heavy_parts[k]) == float(parts[k])
+    none, _ = rln_loss(outs, x, gt, TrainConfig(mse_weight=0.0))
+    assert float(base - none) == pytest.approx(float(parts["mse_out"]), rel=1e-5)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="mse_weight"):
+            TrainConfig(mse_weight=bad)
+
+
 def test_normalize_crop_rules():
     a = np.linspace(0, 10, 1001, dtype=np.float32)
     mi, ma = np.percentile(a, (0.01, 99.5))
