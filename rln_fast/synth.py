@@ -50,6 +50,7 @@ __all__ = [
 # "mixed_sparse": seed % 3 == 0 official, 1 microscopy, 2 sparse (sparse_object: a few beads
 # and bars smaller than or near the PSF on a dark background, the camera of microscopy_pair).
 RECIPES = ("official", "microscopy", "mixed", "mixed_sparse")
+MIXED_MICROSCOPY_EVERY = 2  # the "mixed" recipe: one volume in this many a microscopy one
 
 # (family, count) in drawing and rasterising order.
 FAMILIES: tuple[tuple[str, int], ...] = (
@@ -116,6 +117,12 @@ def _check_seed(seed: Any) -> int:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     return int(seed)
+
+
+def _check_microscopy_every(every: Any) -> int:
+    if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1:
+        raise ValueError(f"microscopy_every must be an integer >= 1, got {every!r}")
+    return int(every)
 
 
 def phantom_params(
@@ -413,13 +420,14 @@ def phantom_pair(
     scale: float = PHOTON_SCALE,
     read_noise: float = READ_NOISE,
     recipe: str = "official",
+    microscopy_every: int = MIXED_MICROSCOPY_EVERY,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One training pair (gt, raw), both float32 numpy (z, y, x) of ``shape``.
 
     recipe: "official" (default, described here), "microscopy" (``microscopy_pair``; scale
     and read_noise are then ignored), "mixed" (official for even seeds, microscopy for odd;
-    generally microscopy where seed % ``MIXED_MICROSCOPY_EVERY`` is its last value)
-    or "mixed_sparse" (by seed % 3: official, microscopy, ``microscopy_pair(...,
+    generally microscopy where seed % ``microscopy_every`` == microscopy_every − 1, one
+    volume in ``microscopy_every``; the other recipes ignore it) or "mixed_sparse" (by seed % 3: official, microscopy, ``microscopy_pair(...,
     kind="sparse")``).
 
     gt: ``phantom(shape, seed)`` blurred by the 5³ Gaussian (σ 0.7 voxel, sum 1, zero
@@ -431,7 +439,7 @@ def phantom_pair(
         raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
     shape_t = _check_shape(shape)
     seed = _check_seed(seed)
-    every = MIXED_MICROSCOPY_EVERY
+    every = _check_microscopy_every(microscopy_every)
     if recipe == "microscopy" or (recipe == "mixed" and seed % every == every - 1) or (
             recipe == "mixed_sparse" and seed % 3 == 1):
         return microscopy_pair(psf, shape_t, seed, device)
@@ -512,7 +520,6 @@ MICRO_RADIUS = (8.0, 40.0)  # their lateral semi-axes, voxels
 MICRO_Z_RATIO = (0.35, 0.8)  # z semi-axis / lateral semi-axis (z voxels are coarser)
 MICRO_FILAMENTS = (0, 30)  # filaments per volume, inclusive
 MICRO_PUNCTA = (0, 300)  # small spots per volume, inclusive
-MIXED_MICROSCOPY_EVERY = 2  # the "mixed" recipe: one volume in this many a microscopy one
 MICRO_PHOTONS = (30.0, 3000.0)  # peak photons of the blurred object, log-uniform
 MICRO_BACKGROUND = (0.0, 0.15)  # mean of the uneven background, fraction of the peak
 MICRO_OFFSET = (0.0, 500.0)  # camera offset (ADU), uniform

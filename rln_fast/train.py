@@ -74,7 +74,8 @@ class TrainConfig:
     ``synth.phantom_pair(psf, phantom_shape, data_seed + i)`` and ``n_val`` validation
     pairs with seeds ``val_seed + j``, with the ``recipe`` of ``synth.phantom_pair``
     (``synth.RECIPES``: "official", "microscopy", "mixed" or "mixed_sparse"; validation pairs
-    use the same recipe). ``psf``: array (z, y, x) or TIFF path at the
+    use the same recipe; "mixed" makes one volume in ``microscopy_every`` a microscopy one,
+    the recipe's 2 the odd seeds). ``psf``: array (z, y, x) or TIFF path at the
     phantom's voxel size; None gives a Gaussian PSF, σ (z, y, x) = (2, 1, 1) voxels,
     15³ (``default_psf()``).
 
@@ -103,6 +104,8 @@ class TrainConfig:
     data_seed: int = 0
     cache_volumes: int = 100
     recipe: str = "official"
+    # "mixed" only: one volume in this many a microscopy one (the recipe: 2; phantom_pair's)
+    microscopy_every: int = 2
     # validation
     n_val: int = 2
     val_seed: int = 1_000_000
@@ -156,7 +159,7 @@ class TrainConfig:
         if len(self.crop) != 3 or min(self.crop) < 2:
             raise ValueError(f"TrainConfig.crop must be 3 sides >= 2 (z, y, x), got {self.crop}")
         positive = ("batch_size", "steps", "checkpoint_every", "val_every", "n_volumes",
-                    "cache_volumes", "lr_decay_steps")
+                    "cache_volumes", "lr_decay_steps", "microscopy_every")
         for name in positive:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -437,7 +440,8 @@ class _Volumes:
         else:
             from rln_fast import synth
 
-            gt, inp = synth.phantom_pair(self.psf(), self.c.phantom_shape, ref, recipe=self.c.recipe)
+            gt, inp = synth.phantom_pair(self.psf(), self.c.phantom_shape, ref, recipe=self.c.recipe,
+                                         microscopy_every=self.c.microscopy_every)
         if any(s < c for s, c in zip(gt.shape, self.c.crop, strict=True)):
             raise ValueError(
                 f"volume {ref} has shape {gt.shape}, smaller than the crop {self.c.crop}; "

@@ -1,7 +1,7 @@
 """Trains the default RLN shipped in rln_fast/weights/: the recipe, PSF and run settings, in one place.
 
 Usage: python scripts/train_default_model.py OUT_DIR [--steps N] [--crop S] [--volumes N] [--data-seed S]
-       [--recipe official|microscopy|mixed|mixed_sparse] [--norm-scope crop|volume]
+       [--recipe official|microscopy|mixed|mixed_sparse] [--microscopy-every N] [--norm-scope crop|volume]
        [--norm-percentiles LOW HIGH]
        [--init MODEL.pt | --width N] [--lr LR] [--lr-hold N] [--lr-decay-steps N] [--augment]
        [--gain-augment G [--gain-weighted]] [--flip-symmetric | --flip-decay D]
@@ -61,6 +61,8 @@ def main() -> None:
                     help="training volume i is generated with seed data-seed + i (default 0)")
     ap.add_argument("--recipe", default="official", choices=["official", "microscopy", "mixed", "mixed_sparse"],
                     help="synthetic data (rln_fast.synth.phantom_pair's recipe)")
+    ap.add_argument("--microscopy-every", type=int, default=None, metavar="N",
+                    help="--recipe mixed: one volume in N a microscopy one (the recipe: 2, the odd seeds)")
     ap.add_argument("--norm-scope", default="crop", choices=["crop", "volume"],
                     help="normalise each crop (the recipe) or each whole volume (as inference does)")
     ap.add_argument("--norm-percentiles", type=float, nargs=2, default=(0.01, 99.5), metavar=("LOW", "HIGH"),
@@ -103,12 +105,15 @@ def main() -> None:
         ap.error(f"--data-seed {args.data_seed} with --volumes {args.volumes}: seeds must be >= 0 and "
                  f"stay clear of the evaluation's held-out phantoms {EVALUATION_SEEDS.start}-"
                  f"{EVALUATION_SEEDS.stop - 1}")
+    if args.microscopy_every is not None and args.recipe != "mixed":
+        ap.error(f"--microscopy-every needs --recipe mixed, got --recipe {args.recipe}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     psf = model_psf()
     config = TrainConfig(psf=psf, steps=args.steps, crop=(args.crop,) * 3, n_volumes=args.volumes,
                          data_seed=args.data_seed,
-                         cache_volumes=args.volumes, recipe=args.recipe, norm_scope=args.norm_scope,
+                         cache_volumes=args.volumes, recipe=args.recipe,
+                         microscopy_every=2 if args.microscopy_every is None else args.microscopy_every, norm_scope=args.norm_scope,
                          norm_percentiles=tuple(args.norm_percentiles),
                          init_model=args.init, width=args.width, lr=args.lr, lr_hold=args.lr_hold,
                          lr_decay_steps=args.lr_decay_steps, augment=args.augment,

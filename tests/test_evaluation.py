@@ -103,6 +103,22 @@ def test_the_training_script_passes_its_gradients_width_and_mse_weight_options(t
         monkeypatch.setattr("sys.argv", ["train_default_model.py", "out", "--steps", "1", *extra])
         tr.main()
         assert (seen[-1].gradients, seen[-1].width, seen[-1].mse_weight) == (gradients, width, mse_weight)
+        assert seen[-1].microscopy_every == 2
+
+
+def test_the_training_script_passes_the_share_of_microscopy_volumes(tr, monkeypatch, capsys):
+    seen = []
+    monkeypatch.setattr(tr, "train", lambda config, out, **kw: seen.append(config))
+    monkeypatch.setattr("sys.argv", ["train_default_model.py", "out", "--recipe", "mixed", "--microscopy-every", "4"])
+    tr.main()
+    assert (seen[-1].recipe, seen[-1].microscopy_every) == ("mixed", 4)
+    monkeypatch.setattr("sys.argv", ["train_default_model.py", "out", "--microscopy-every", "4"])
+    with pytest.raises(SystemExit) as err:  # the official recipe has no microscopy volumes
+        tr.main()
+    assert err.value.code == 2 and "needs --recipe mixed" in capsys.readouterr().err
+    monkeypatch.setattr("sys.argv", ["train_default_model.py", "out", "--recipe", "mixed", "--microscopy-every", "0"])
+    with pytest.raises(ValueError, match="microscopy_every"):
+        tr.main()
 
 
 def test_scores_inside_the_object_leave_the_background_out(ev):
@@ -167,10 +183,9 @@ def test_the_microscopy_variant_diagnostic_changes_what_it_is_asked_to(monkeypat
     monkeypatch.setattr("sys.argv", ["microscopy_variant.py", "out", "--sharp-edges", "--no-outside-objects"])
     script.main()
     assert seen[-1][2].keywords == {"outside_objects": False, "sharp_edges": True}
-    monkeypatch.setattr(synth, "MIXED_MICROSCOPY_EVERY", synth.MIXED_MICROSCOPY_EVERY)
     monkeypatch.setattr("sys.argv", ["microscopy_variant.py", "out", "--microscopy-every", "4"])
     script.main()
-    assert synth.MIXED_MICROSCOPY_EVERY == 4  # phantom_pair's share: tests/test_synth.py
+    assert seen[-1][0].microscopy_every == 4 and seen[-2][0].microscopy_every == 2
     for argv, message in ((["--photons", "3000", "300"], "LOW <= HIGH"), ([], "nothing to change"),
                           (["--microscopy-every", "0"], ">= 1")):
         monkeypatch.setattr("sys.argv", ["microscopy_variant.py", "out", *argv])

@@ -363,20 +363,23 @@ def test_recipe_option():
         synth.write_pairs("/nonexistent/never", 1, psf, shape, recipe="x", progress=False)
 
 
-def test_mixed_recipes_share_of_microscopy_volumes_is_a_module_setting(monkeypatch):
-    # MIXED_MICROSCOPY_EVERY = N: microscopy where seed % N == N - 1 (the recipe: N = 2, odd
-    # seeds); the other recipes do not read it.
+def test_mixed_recipes_share_of_microscopy_volumes(monkeypatch):
+    # microscopy_every = N: microscopy where seed % N == N - 1 (the recipe: N = 2, odd seeds);
+    # the other recipes ignore it.
     drawn = []
     monkeypatch.setattr(synth, "microscopy_pair", lambda psf, shape, seed, device=None, **kw: drawn.append(seed))
     monkeypatch.setattr(synth, "phantom", lambda shape, seed: np.zeros(shape, np.float32))
     psf = _gauss_psf()
-    for every, want in ((2, [1, 3, 5, 7]), (4, [3, 7]), (1, list(range(8)))):
-        monkeypatch.setattr(synth, "MIXED_MICROSCOPY_EVERY", every)
+    for every, want in ((None, [1, 3, 5, 7]), (2, [1, 3, 5, 7]), (4, [3, 7]), (1, list(range(8)))):
+        kw = {} if every is None else {"microscopy_every": every}
         drawn.clear()
         for seed in range(8):
-            synth.phantom_pair(psf, (20, 20, 20), seed, recipe="mixed")
-        synth.phantom_pair(psf, (20, 20, 20), 3, recipe="official")
+            synth.phantom_pair(psf, (20, 20, 20), seed, recipe="mixed", **kw)
+        synth.phantom_pair(psf, (20, 20, 20), 3, recipe="official", **kw)
         assert drawn == want, every
+    for bad in (0, -2, 2.0, True):
+        with pytest.raises(ValueError, match="microscopy_every"):
+            synth.phantom_pair(psf, (20, 20, 20), 1, recipe="mixed", microscopy_every=bad)
 
 
 def test_mixed_sparse_recipe_cycles_official_microscopy_sparse():

@@ -162,6 +162,23 @@ def test_config_checks():
         TrainConfig(norm_scope="tile")
     with pytest.raises(ValueError, match="init_model"):
         TrainConfig(init_model="/nonexistent/model.pt")
+    with pytest.raises(ValueError, match="microscopy_every"):
+        TrainConfig(recipe="mixed", microscopy_every=0)
+
+
+def test_the_mixed_recipes_share_reaches_the_training_data(tmp_path, monkeypatch):
+    from rln_fast import synth
+
+    asked = []
+
+    def pair(psf, shape, seed, device=None, *, recipe="official", microscopy_every=2):
+        asked.append((seed, recipe, microscopy_every))
+        gt = np.random.default_rng(seed).random(shape, dtype=np.float32) + 1.0
+        return gt, gt.copy()
+
+    monkeypatch.setattr(synth, "phantom_pair", pair)
+    train(_tiny(steps=1, n_val=1, recipe="mixed", microscopy_every=3), tmp_path, progress=False)
+    assert asked and all(a[1:] == ("mixed", 3) for a in asked)
 
 
 def test_loss_decreases(tmp_path):

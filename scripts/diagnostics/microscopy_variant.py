@@ -22,7 +22,7 @@ with the microscopy volumes changed:
                           shells half as thick (``synth.microscopy_object(...,
                           sharp_edges=True)``; the recipe: edges 0.7-2 voxels, shells 1-2);
   --microscopy-every N    one volume in N a microscopy volume (seeds with seed % N == N - 1),
-                          the others official (``synth.MIXED_MICROSCOPY_EVERY``; the "mixed"
+                          the others official (``TrainConfig.microscopy_every``; the "mixed"
                           recipe: one in 2, the odd seeds).
 Everything else (objects, backgrounds, cameras, the official half) is unchanged. Evaluate
 OUT_DIR/model.pt with ``evaluate_default_model.py``; the results are in the model card (not
@@ -60,11 +60,11 @@ def main() -> None:
                                      or args.sharp_edges or args.microscopy_every is not None):
         ap.error("nothing to change: give --photons LOW HIGH, --no-outside-objects, --ideal-camera, "
                  "--no-texture, --sharp-edges and/or --microscopy-every N")
+    overrides = {"lr": args.lr}
     if args.microscopy_every is not None:
         if args.microscopy_every < 1:
             ap.error(f"--microscopy-every must be >= 1, got {args.microscopy_every}")
-        # phantom_pair reads the share from the module when it draws, so this reaches training's data.
-        synth.MIXED_MICROSCOPY_EVERY = args.microscopy_every
+        overrides["microscopy_every"] = args.microscopy_every
     if args.photons is not None:
         low, high = args.photons
         if not 0.0 < low <= high:
@@ -79,7 +79,7 @@ def main() -> None:
         synth.microscopy_pair = functools.partial(synth.microscopy_pair, **changes)
     if args.ideal_camera:
         synth.MICRO_GAIN, synth.MICRO_OFFSET, synth.MICRO_READ_NOISE = (1.0, 1.0), (0.0, 0.0), (0.0, 0.0)
-    train(stage4b_fine_tune(args.init, args.steps, lr=args.lr), args.out_dir, resume=True, progress=True)
+    train(stage4b_fine_tune(args.init, args.steps, **overrides), args.out_dir, resume=True, progress=True)
 
 
 if __name__ == "__main__":
