@@ -427,8 +427,8 @@ def phantom_pair(
     recipe: "official" (default, described here), "microscopy" (``microscopy_pair``; scale
     and read_noise are then ignored), "mixed" (official for even seeds, microscopy for odd;
     generally microscopy where seed % ``microscopy_every`` == microscopy_every − 1, one
-    volume in ``microscopy_every``; the other recipes ignore it) or "mixed_sparse" (by seed % 3: official, microscopy, ``microscopy_pair(...,
-    kind="sparse")``).
+    volume in ``microscopy_every``; the other recipes ignore it) or "mixed_sparse" (by
+    seed % 3: official, microscopy, ``microscopy_pair(..., kind="sparse")``).
 
     gt: ``phantom(shape, seed)`` blurred by the 5³ Gaussian (σ 0.7 voxel, sum 1, zero
     padding), computed in float64 on ``device``. raw: ``simulate_input(gt, psf, seed)``,

@@ -7,9 +7,9 @@ normalise each crop by its own percentiles, run the RLN, and take one Adam step 
 
     loss = e1_weight·mse(E1pre, f·GT + (1 − f)·x) + mse_weight·mse(out, GT) − log((1 + SSIM(out, GT)) / 2)
 
-with f = ``e1_gt_fraction``, mse_weight 1 (the recipe) and SSIM one global window over the batch. Crops are cut on
-the host; they are normalised with numpy on the CPU and with torch.quantile on a GPU
-(the two agree up to float rounding).
+with f = ``e1_gt_fraction``, mse_weight 1 (the recipe) and SSIM one global window over the
+batch. Crops are cut on the host; they are normalised with numpy on the CPU and with
+torch.quantile on a GPU (the two agree up to float rounding).
 
 Reproducibility: the model is initialised from ``torch.Generator().manual_seed(seed)``;
 the volume order, crop positions and augmentation come from one

@@ -113,7 +113,9 @@ def main() -> None:
     config = TrainConfig(psf=psf, steps=args.steps, crop=(args.crop,) * 3, n_volumes=args.volumes,
                          data_seed=args.data_seed,
                          cache_volumes=args.volumes, recipe=args.recipe,
-                         microscopy_every=2 if args.microscopy_every is None else args.microscopy_every, norm_scope=args.norm_scope,
+                         microscopy_every=(TrainConfig.microscopy_every if args.microscopy_every is None
+                                           else args.microscopy_every),
+                         norm_scope=args.norm_scope,
                          norm_percentiles=tuple(args.norm_percentiles),
                          init_model=args.init, width=args.width, lr=args.lr, lr_hold=args.lr_hold,
                          lr_decay_steps=args.lr_decay_steps, augment=args.augment,
