@@ -477,6 +477,20 @@ class _Job:
         output, instead of a new allocation."""
         self._spare = t
 
+    def _flat_start(self, level: float) -> torch.Tensor:
+        """The first estimate with Bertero weights: exactly `level` where the voxel is estimated
+        (w > 0), 0 where it is not, so that Biggs' first change does not count the voxels the
+        first update zeroes. Exactly flat on every device: level * (H^T 1_M) * w is 1 only to
+        rounding (~1e-5 by FFT), and RL-TV's normalised gradient, regularised by tv_eps =
+        1e-3 level, turns that ripple into differences of ~1e-4 after a few iterations. Where w
+        is not stored (GPU) it is taken once here, transiently (two work volumes, fewer than
+        one FFT of the mask needs)."""
+        like = torch.empty((1, 1, *self.shape), dtype=torch.float32, device=self.image.device)
+        w = self.weights.dense
+        if w is None:
+            w = ops.store_edge_weights(self.weights, like).dense
+        return like.zero_().masked_fill_(w > 0, level)
+
     def _take_spare(self, like: torch.Tensor) -> torch.Tensor:
         out = self._spare if self._spare is not None else torch.empty_like(like)
         self._spare = None
@@ -564,20 +578,7 @@ class _FFTJob(_Job):
     def initial(self, level: float) -> torch.Tensor:
         if self.weights is None:
             return torch.full((1, 1, *self.shape), level, dtype=torch.float32, device=self.image.device)
-        # level * (H^T 1_M) * w: level where the voxel is estimated (w > 0), 0 where it is not,
-        # so that Biggs' first change does not count the voxels the first update zeroes. With w
-        # stored that is level where w > 0 (H^T 1_M w = 1 there, to rounding).
-        if self.weights.dense is not None:
-            x = torch.zeros((1, 1, *self.shape), dtype=torch.float32, device=self.image.device)
-            return x.masked_fill_(self.weights.dense > 0, level)
-        x = torch.full((1, 1, *self.shape), level, dtype=torch.float32, device=self.image.device)
-        mask = torch.zeros_like(x)
-        m = self.image.shape
-        mask[0, 0, : m[0], : m[1], : m[2]] = 1.0
-        seen = self._convolve(mask, True, None, zero_outside=True)
-        del mask
-        ops.rl_update_(seen, x, self.weights, 0.0, 0.0)
-        return seen
+        return self._flat_start(level)
 
     def update_(self, y, previous, change):
         # blurred = H y, read in the image's box only; ratio = image / blurred in its place, 0
@@ -620,9 +621,7 @@ class _DirectJob(_Job):
         self.image5 = self.image[None, None]
 
     def initial(self, level: float) -> torch.Tensor:
-        # level where the voxel is estimated (w > 0), 0 elsewhere, as in _FFTJob.initial.
-        x = torch.full((1, 1, *self.shape), level, dtype=torch.float32, device=self.image.device)
-        return ops.psf_conv_update(x, torch.ones_like(self.image5), self.psf, self.weights)
+        return self._flat_start(level)
 
     def update_(self, y, previous, change):
         ratio = ops.psf_conv_ratio(self.image5, y, self.psf, self.bg, self.eps)
