@@ -67,7 +67,7 @@ compute-sanitizer --tool memcheck --error-exitcode 3 --print-limit 20 "$PY" benc
   > "$OUT/sanitizer.log" 2>&1 || fail "memcheck"
 tail -4 "$OUT/sanitizer.log"
 
-step "report: layers, RLN, rln_deconvolve, RL, training step, torch.compile"
+step "report: layers, RLN, rln_deconvolve, RL, training step, profile, torch.compile"
 "$PY" benchmarks/gpu_report.py --out "$OUT" ${GPU_REPORT_ARGS:-} 2>&1 | tee "$OUT/report.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || fail "report"
 

@@ -14,6 +14,8 @@ Sections, in order (--skip drops some; compile is optional and last):
   rl           one Richardson-Lucy iteration: default path (Bertero + scaled heavy ball, auto background) and periodic path
                vs its four FFTs, plain torch and CuPy (skipped with a reason when absent)
   train        one training step (forward + loss + backward + Adam) vs plain PyTorch fp32, TF32
+  profile      where the time goes: FusedRLN as one z-slab vs its slabs (time, peak), and the
+               top kernels (torch.profiler) of one FusedRLN forward and of 4 periodic RL iterations
   compile      torch.compile of the plain RLN, fp32 and TF32, vs FusedRLN
 
 The RLN weights are the official checkpoint (default ../shared/official_rln/model.ckpt beside
@@ -44,7 +46,7 @@ from plain_rln import LAYERS, plain_copy, plain_layer  # noqa: E402
 import rln_fast  # noqa: E402
 from rln_fast import ops  # noqa: E402
 
-SECTIONS = ("layers", "rln", "deconvolve", "rl", "train", "compile")
+SECTIONS = ("layers", "rln", "deconvolve", "rl", "train", "profile", "compile")
 DEFAULT_CHECKPOINT = ROOT.parent / "shared" / "official_rln" / "model.ckpt"
 
 # Sizes of the GPU run (the issue's targets) and of the CPU smoke run.
@@ -386,6 +388,70 @@ def bench_train(batch: int, crop: int, reps: int, device) -> dict:
     return out
 
 
+def _top_kernels(fn, device, top: int = 10) -> list[dict]:
+    """The `top` operators (CUDA: kernels) by their own time over one call of fn, from
+    torch.profiler: name, calls, total ms."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    fn()  # warm-up: cuFFT plans, allocator
+    sync(device)
+    with profile(activities=acts) as prof:
+        fn()
+        sync(device)
+    rows = []
+    for e in prof.key_averages():
+        us = (getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+              if device.type == "cuda" else e.self_cpu_time_total)
+        if us > 0:
+            rows.append({"name": e.key[:120], "calls": int(e.count), "ms": us / 1e3})
+    return sorted(rows, key=lambda r: -r["ms"])[:top]
+
+
+def bench_profile(model, shape, rl_shape, psf_shape, reps, device) -> dict:
+    """Where the time goes, for the next round of kernel work: FusedRLN as one z-slab against
+    its default slabs (time, peak), and the top kernels of one FusedRLN forward and of one
+    periodic RL run of 4 iterations (set-up included)."""
+    from rln_fast import psf as psf_models
+    from rln_fast.models.rln import FusedRLN
+    from rln_fast.rl import richardson_lucy
+
+    psf_np = psf_models.gaussian(psf_shape, sigma=(2.0, 1.0, 1.0))  # bench_rl's PSF
+    out: dict = {"shape": list(shape), "rl_shape": list(rl_shape)}
+    with torch.inference_mode():
+        fused = model.to(device).eval().fuse()
+        x = torch.rand(1, 1, *shape, device=device, generator=torch.Generator(device).manual_seed(2))
+        vox = x.numel()
+        with tf32(False):
+            sliced = fused(x)
+            out["fused_slabs"] = len(FusedRLN._slabs(shape[0], shape[1] * shape[2]))
+            out["fused_ms"] = timeit(lambda: fused(x), device, reps) * 1e3
+            old = FusedRLN._MIN_SLAB_VOXELS
+            FusedRLN._MIN_SLAB_VOXELS = 1 << 62  # one slab, whatever the size
+            try:
+                out["fused_one_slab_rel_err"] = require_close("FusedRLN one slab vs slabs",
+                                                              rel_err(fused(x), sliced), 1e-6)
+                out["fused_one_slab_ms"] = timeit(lambda: fused(x), device, reps) * 1e3
+                out["fused_one_slab_peak_bytes_per_voxel"] = per_voxel(
+                    peak_bytes(lambda: fused(x), device), vox)
+            finally:
+                FusedRLN._MIN_SLAB_VOXELS = old
+            del sliced
+            out["fused_top_kernels"] = _top_kernels(lambda: fused(x), device)
+        x = None  # the volume goes before the RL run's
+        g = torch.Generator(device=device).manual_seed(0)
+        img = torch.rand(rl_shape, device=device, generator=g) + 0.5
+        out["rl_periodic_top_kernels"] = _top_kernels(
+            lambda: richardson_lucy(img, psf_np, 4, edges="periodic", acceleration=None, background=0,
+                                    progress=False), device)
+    model.to("cpu")
+    print("  profile " + _rounded({k: v for k, v in out.items() if not k.endswith("kernels")}), flush=True)
+    for k in ("fused_top_kernels", "rl_periodic_top_kernels"):
+        print(f"  {k}: " + "; ".join(f"{r['name'][:60]} x{r['calls']} {r['ms']:.3g} ms"
+                                    for r in out[k][:6]), flush=True)
+    return out
+
+
 def bench_compile(model, shape, reps, device, fused_ms: float, backend: str) -> dict:
     """torch.compile of the plain RLN, fp32 and TF32, timed after compiling once each."""
     plain = plain_copy(model.eval().to(device))
@@ -497,6 +563,7 @@ def run(args: argparse.Namespace) -> dict:
     section("rl", lambda: bench_rl(rl_shapes, sizes["psf"], reps, device))
     section("train", lambda: bench_train(sizes["train_batch"], sizes["train_crop"],
                                          max(2, reps // 4), device))
+    section("profile", lambda: bench_profile(model, shape, rl_shapes[0], sizes["psf"], reps, device))
     if "compile" not in args.skip:
         backend = args.compile_backend or ("eager" if args.smoke else "inductor")
         section("compile", lambda: bench_compile(model, shape, reps, device,
