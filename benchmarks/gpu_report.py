@@ -408,6 +408,26 @@ def _top_kernels(fn, device, top: int = 10) -> list[dict]:
     return sorted(rows, key=lambda r: -r["ms"])[:top]
 
 
+def _spectrum_mul_ms(img: torch.Tensor, reps: int, device) -> dict:
+    """The RL job multiplies each spectrum by a real OTF off the CPU (half the OTF's memory),
+    and torch then casts the real operand per element. The same in-place product three ways,
+    each checked against the out-of-place complex one first."""
+    spec = torch.fft.rfftn(img)
+    otf = torch.rand(spec.shape, device=device, generator=torch.Generator(device).manual_seed(3))
+    otf_c = otf.to(spec.dtype)
+    want = spec * otf_c
+    ways = {"real_otf": lambda: spec.mul_(otf), "complex_otf": lambda: spec.mul_(otf_c),
+            "view_as_real": lambda: torch.view_as_real(spec).mul_(otf.unsqueeze(-1))}
+    out = {}
+    for name, fn in ways.items():
+        spec.copy_(want / otf_c)
+        fn()
+        require_close(f"spectrum product ({name})",
+                      rel_err(torch.view_as_real(spec), torch.view_as_real(want)), 1e-5)
+        out[name] = timeit(fn, device, reps) * 1e3
+    return out
+
+
 def bench_profile(model, shape, rl_shape, psf_shape, reps, device) -> dict:
     """Where the time goes, for the next round of kernel work: FusedRLN as one z-slab against
     its default slabs (time, peak), and the top kernels of one FusedRLN forward and of one
@@ -444,6 +464,7 @@ def bench_profile(model, shape, rl_shape, psf_shape, reps, device) -> dict:
         out["rl_periodic_top_kernels"] = _top_kernels(
             lambda: richardson_lucy(img, psf_np, 4, edges="periodic", acceleration=None, background=0,
                                     progress=False), device)
+        out["spectrum_mul_ms"] = _spectrum_mul_ms(img, reps, device)
     model.to("cpu")
     print("  profile " + _rounded({k: v for k, v in out.items() if not k.endswith("kernels")}), flush=True)
     for k in ("fused_top_kernels", "rl_periodic_top_kernels"):

@@ -37,7 +37,8 @@ COMPILE_KEYS = {"compile_backend", "plain_compile_seconds_to_compile", "rel_err_
                 "plain_compile_tf32_seconds_to_compile", "plain_compile_tf32_ms",
                 "plain_compile_tf32_gvox_per_s", "ratio_vs_plain_compile_tf32"}
 PROFILE_KEYS = {"shape", "rl_shape", "fused_slabs", "fused_ms", "fused_one_slab_rel_err", "fused_one_slab_ms",
-                "fused_one_slab_peak_bytes_per_voxel", "fused_top_kernels", "rl_periodic_top_kernels"}
+                "fused_one_slab_peak_bytes_per_voxel", "fused_top_kernels", "rl_periodic_top_kernels",
+                "spectrum_mul_ms"}
 TOP_KEYS = {"mode", "device", "device_name", "backend", "torch", "date", "weights", "tf32_effective",
             "skipped", "section_seconds", "layers", "rln", "deconvolve", "rl", "train", "profile",
             "compile"}
@@ -73,6 +74,7 @@ def test_smoke_report_end_to_end(tmp_path):
     for k in ("fused_top_kernels", "rl_periodic_top_kernels"):  # the profiler saw operators
         rows = rep["profile"][k]
         assert rows and all(set(r) == {"name", "calls", "ms"} and r["ms"] > 0 for r in rows)
+    assert set(rep["profile"]["spectrum_mul_ms"]) == {"real_otf", "complex_otf", "view_as_real"}
     # Agreement checks ran and the timings are real numbers.
     assert rep["rln"]["rel_err_fused_vs_plain"] <= 1e-4
     assert rep["deconvolve"]["crop_rel_err_vs_cpu"] <= 1e-4
