@@ -477,14 +477,16 @@ class _Job:
         output, instead of a new allocation."""
         self._spare = t
 
-    def _flat_start(self, level: float) -> torch.Tensor:
-        """The first estimate with Bertero weights: exactly `level` where the voxel is estimated
-        (w > 0), 0 where it is not, so that Biggs' first change does not count the voxels the
-        first update zeroes. Exactly flat on every device: level * (H^T 1_M) * w is 1 only to
-        rounding (~1e-5 by FFT), and RL-TV's normalised gradient, regularised by tv_eps =
-        1e-3 level, turns that ripple into differences of ~1e-4 after a few iterations. Where w
-        is not stored (GPU) it is taken once here, transiently (two work volumes, fewer than
-        one FFT of the mask needs)."""
+    def initial(self, level: float) -> torch.Tensor:
+        """The first estimate: `level` everywhere without weights; with Bertero weights exactly
+        `level` where the voxel is estimated (w > 0) and 0 where it is not, so that Biggs' first
+        change does not count the voxels the first update zeroes. Exactly flat on every device:
+        level * (H^T 1_M) * w is 1 only to rounding (~1e-5 by FFT), and RL-TV's normalised
+        gradient, regularised by tv_eps = 1e-3 level, turns that ripple into differences of
+        ~1e-4 after a few iterations. Where w is not stored (GPU) it is taken once here,
+        transiently (two work volumes, fewer than one FFT of the mask needs)."""
+        if self.weights is None:
+            return torch.full((1, 1, *self.shape), level, dtype=torch.float32, device=self.image.device)
         like = torch.empty((1, 1, *self.shape), dtype=torch.float32, device=self.image.device)
         w = self.weights.dense
         if w is None:
@@ -575,11 +577,6 @@ class _FFTJob(_Job):
         out = out if out is not None else torch.empty_like(x)
         return fft.c2r_box(spec, out) if read_inside else fft.c2r(spec, out)
 
-    def initial(self, level: float) -> torch.Tensor:
-        if self.weights is None:
-            return torch.full((1, 1, *self.shape), level, dtype=torch.float32, device=self.image.device)
-        return self._flat_start(level)
-
     def update_(self, y, previous, change):
         # blurred = H y, read in the image's box only; ratio = image / blurred in its place, 0
         # outside the box; correction = H^T ratio.
@@ -619,9 +616,6 @@ class _DirectJob(_Job):
             self.weights = ops.edge_weights(psf, self.shape, self.shape, circular=False,
                                             threshold=_BERTERO_THRESHOLD, device=img.device)
         self.image5 = self.image[None, None]
-
-    def initial(self, level: float) -> torch.Tensor:
-        return self._flat_start(level)
 
     def update_(self, y, previous, change):
         ratio = ops.psf_conv_ratio(self.image5, y, self.psf, self.bg, self.eps)

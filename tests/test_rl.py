@@ -681,13 +681,11 @@ def test_bertero_start_is_exactly_flat(device, method, stored):
 
 def test_the_gpu_vs_cpu_diagnostic_runs_and_finds_nothing_on_one_device():
     """scripts/diagnostics/rl_gpu_vs_cpu.py, CPU against itself: it runs, and every path agrees."""
-    import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "diagnostics" / "rl_gpu_vs_cpu.py"
-    spec = importlib.util.spec_from_file_location("rl_gpu_vs_cpu", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    from .test_evaluation import _load_script
+
+    mod = _load_script(Path(__file__).resolve().parents[1] / "scripts" / "diagnostics" / "rl_gpu_vs_cpu.py")
     out = mod.run("cpu")
     errors = {k: v for k, v in out.items() if isinstance(v, float)}
     assert len(errors) == 36 + 7 and all(v == 0.0 for v in errors.values()), errors
