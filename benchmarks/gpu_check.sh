@@ -8,14 +8,24 @@
 #   benchmarks/gpu_check.sh            the GPU run (needs nvcc, a CUDA torch and a GPU)
 #   benchmarks/gpu_check.sh --smoke    the same script on the CPU, tiny sizes, no build and no
 #                                      sanitizer: what CI runs so the script cannot rot
+#   benchmarks/gpu_check.sh [--smoke] --train PLAN
+#                                      instead of the tests and report: build, then train the
+#                                      stages of PLAN (scripts/train_chain.py) on the GPU, in
+#                                      /tmp/rln_chain, stopping at a checkpoint after
+#                                      TRAIN_DEADLINE_S seconds (default 420); every model and
+#                                      log comes back packed in $OUT/chain.tar.gz, re-packed
+#                                      after each stage. --smoke: 2 steps of each stage on the CPU
 # Every step's exit status counts: the script exits non-zero when any step failed, after
 # running the rest (a failed build stops it). GPU_TESTS / GPU_REPORT_ARGS override the tests
 # and add report arguments.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 SMOKE=0
+PLAN=
 if [ "${1:-}" = "--smoke" ]; then SMOKE=1; shift; fi
-if [ $# -gt 0 ]; then echo "usage: $0 [--smoke]" >&2; exit 2; fi
+if [ "${1:-}" = "--train" ] && [ $# -eq 2 ]; then PLAN=$2; shift 2; fi
+if [ $# -gt 0 ]; then echo "usage: $0 [--smoke] [--train PLAN]" >&2; exit 2; fi
+if [ -n "$PLAN" ] && [ ! -f "$PLAN" ]; then echo "$0: no plan file $PLAN" >&2; exit 2; fi
 OUT=${OUT:-benchmarks/results/gpu_check}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -28,6 +38,22 @@ fail() { status=1; failed+=("$1"); echo "!! $1 failed"; }
 # The official checkpoint and data travel in _local/shared (git-ignored); tests and the report
 # look for ../shared beside the checkout.
 if [ -d _local/shared ] && [ ! -e ../shared ]; then ln -s "$PWD/_local/shared" ../shared; fi
+
+# Training: the chain's stages, packed into $OUT after each one (exit 3: stopped at the deadline).
+train_chain() {
+  step "train: $PLAN"
+  "$PY" scripts/train_chain.py "$PLAN" "${CHAIN_DIR:-/tmp/rln_chain}" --pack "$OUT/chain.tar.gz" "$@" \
+    2>&1 | tee "$OUT/train.log"
+  local rc=${PIPESTATUS[0]}
+  [ "$rc" -eq 0 ] || [ "$rc" -eq 3 ] || fail "training"
+  [ "$rc" -ne 3 ] || echo "stopped at the deadline: re-run to go on"
+}
+
+if [ $SMOKE -eq 1 ] && [ -n "$PLAN" ]; then
+  train_chain --smoke --device cpu
+  step "done (status $status${failed:+; failed: ${failed[*]}})"
+  exit $status
+fi
 
 if [ $SMOKE -eq 1 ]; then
   step "smoke: extension"
@@ -55,6 +81,12 @@ fi
 "$PY" -c "import json, rln_fast; i = rln_fast.backend_info(); print(json.dumps(i)); assert i['cuda'], 'no CUDA kernels'" \
   | tee "$OUT/backend.json"
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "!! the build has no CUDA kernels"; exit 1; }
+
+if [ -n "$PLAN" ]; then
+  train_chain --device cuda --checkpoint-every 250 --deadline-s "${TRAIN_DEADLINE_S:-420}"
+  step "done (status $status${failed:+; failed: ${failed[*]}})"
+  exit $status
+fi
 
 step "CUDA tests"
 "$PY" -m pytest -q -p no:cacheprovider -k "cuda or gpu" \

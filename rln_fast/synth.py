@@ -41,7 +41,8 @@ import numpy as np
 import torch
 
 __all__ = [
-    "FAMILIES", "RECIPES", "phantom_params", "phantom", "phantom_pair", "simulate_input", "write_pairs",
+    "FAMILIES", "RECIPES", "phantom_params", "phantom", "phantom_pair", "pair_kind", "simulate_input",
+    "write_pairs",
     "microscopy_object", "microscopy_pair", "sparse_object",
 ]
 
@@ -411,6 +412,22 @@ def simulate_input(
     return raw.numpy().astype(np.float32)
 
 
+def pair_kind(seed: int, recipe: str = "official", microscopy_every: int = MIXED_MICROSCOPY_EVERY) -> str:
+    """Which generator ``phantom_pair(psf, shape, seed, recipe=..., microscopy_every=...)`` uses:
+    "official", "microscopy" or "sparse". Two calls with the same seed, shape and kind return
+    the same pair whatever their recipes, so a cache of pairs may key on the kind."""
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
+    seed = _check_seed(seed)
+    every = _check_microscopy_every(microscopy_every)
+    if recipe == "microscopy" or (recipe == "mixed" and seed % every == every - 1) or (
+            recipe == "mixed_sparse" and seed % 3 == 1):
+        return "microscopy"
+    if recipe == "mixed_sparse" and seed % 3 == 2:
+        return "sparse"
+    return "official"
+
+
 def phantom_pair(
     psf: Any,
     shape: Sequence[int] = (128, 128, 128),
@@ -435,15 +452,12 @@ def phantom_pair(
     at the ×``scale`` intensity scale. psf: numpy/torch array (z, y, x) sampled at the
     phantom's voxel size. The same seed gives the same pair on every device.
     """
-    if recipe not in RECIPES:
-        raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
     shape_t = _check_shape(shape)
-    seed = _check_seed(seed)
-    every = _check_microscopy_every(microscopy_every)
-    if recipe == "microscopy" or (recipe == "mixed" and seed % every == every - 1) or (
-            recipe == "mixed_sparse" and seed % 3 == 1):
+    kind = pair_kind(seed, recipe, microscopy_every)
+    seed = int(seed)
+    if kind == "microscopy":
         return microscopy_pair(psf, shape_t, seed, device)
-    if recipe == "mixed_sparse" and seed % 3 == 2:
+    if kind == "sparse":
         return microscopy_pair(psf, shape_t, seed, device, kind="sparse")
     psf_arr = _as_psf(psf)
     dev = torch.device(device) if device is not None else torch.device("cpu")

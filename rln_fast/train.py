@@ -33,7 +33,7 @@ import json
 import math
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,7 @@ from rln_fast.models.rln import RLN, _check_width
 
 __all__ = [
     "TrainConfig", "train", "learning_rate", "global_ssim", "rln_loss", "normalize_crop", "default_psf",
-    "CHECKPOINT_NAME", "MODEL_NAME", "LOSS_CSV", "VAL_CSV",
+    "toward_flip_mean", "CHECKPOINT_NAME", "MODEL_NAME", "LOSS_CSV", "VAL_CSV",
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -220,6 +220,17 @@ def flip_symmetrize(w: torch.Tensor, dims: Sequence[int] = (2, 3, 4)) -> torch.T
     return out / 2 ** len(dims)
 
 
+def toward_flip_mean(model: RLN, fraction: float) -> None:
+    """Edit ``model`` in place: every conv kernel w becomes (1 − fraction)·w + fraction·(its
+    mean over the 8 flips of z, y and x); batch norms and biases are kept. The default model's
+    stages 5, 7 and 9 are this edit of the stage before at fraction 0.1."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction!r}")
+    state = {k: (1 - fraction) * v + fraction * flip_symmetrize(v) if v.dim() == 5 else v
+             for k, v in model.state_dict().items()}
+    model.load_state_dict(state)
+
+
 def _flip_decay(model: RLN, rate: float) -> None:
     """Move every conv kernel ``rate`` of the way to its flip mean (``TrainConfig.flip_decay``):
     a pull towards flip-symmetric kernels that the loss's gradients can resist, where
@@ -366,10 +377,12 @@ def default_psf() -> np.ndarray:
 class _Volumes:
     """Training and validation pairs (gt, input, gt mean), loaded or generated on demand."""
 
-    def __init__(self, c: TrainConfig) -> None:
+    def __init__(self, c: TrainConfig, pairs: MutableMapping[tuple, tuple[np.ndarray, np.ndarray]] | None = None
+                 ) -> None:
         self.c = c
         self._cache: OrderedDict[tuple[str, int], tuple[np.ndarray, np.ndarray, float]] = OrderedDict()
         self._psf: np.ndarray | None = None
+        self._pairs = pairs  # generated (gt, raw) pairs shared with other runs (train's pair_cache)
         if c.data_dir is not None:
             root = Path(c.data_dir)
             names = self._pair_names(root)
@@ -438,10 +451,7 @@ class _Volumes:
                     "expected two equal 3-D (z, y, x) volumes"
                 )
         else:
-            from rln_fast import synth
-
-            gt, inp = synth.phantom_pair(self.psf(), self.c.phantom_shape, ref, recipe=self.c.recipe,
-                                         microscopy_every=self.c.microscopy_every)
+            gt, inp = self._generate(ref)
         if any(s < c for s, c in zip(gt.shape, self.c.crop, strict=True)):
             raise ValueError(
                 f"volume {ref} has shape {gt.shape}, smaller than the crop {self.c.crop}; "
@@ -453,6 +463,24 @@ class _Volumes:
             inp = normalize_crop(inp, self.c.norm_percentiles)
             gt = np.maximum(normalize_crop(gt, self.c.norm_percentiles), 0.0)
         return gt, inp, mean
+
+    def _generate(self, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        from rln_fast import synth
+
+        psf = self.psf()
+        if self._pairs is None:
+            return synth.phantom_pair(psf, self.c.phantom_shape, seed, recipe=self.c.recipe,
+                                      microscopy_every=self.c.microscopy_every)
+        # The same seed, shape, PSF and generator give the same pair whatever the recipe.
+        key = (hashlib.sha1(psf.tobytes()).hexdigest(), psf.shape, self.c.phantom_shape, seed,
+               synth.pair_kind(seed, self.c.recipe, self.c.microscopy_every))
+        if key not in self._pairs:
+            pair = synth.phantom_pair(psf, self.c.phantom_shape, seed, recipe=self.c.recipe,
+                                      microscopy_every=self.c.microscopy_every)
+            for a in pair:
+                a.setflags(write=False)  # shared: normalising makes new arrays
+            self._pairs[key] = pair
+        return self._pairs[key]
 
     def get(self, key: tuple[str, Any]) -> tuple[np.ndarray, np.ndarray, float]:
         if key in self._cache:
@@ -680,13 +708,18 @@ def train(
     resume: bool = True,
     progress: bool = True,
     callback: Callable[[int, dict[str, float]], None] | None = None,
+    pair_cache: MutableMapping[tuple, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> RLN:
     """Train an RLN with ``config``, writing checkpoints and logs into ``out_dir``.
 
     resume: continue from ``out_dir/checkpoint.pt`` when present (the config must match,
     except steps, checkpoint_every, val_every, device, cache_volumes); otherwise start
     afresh, overwriting the logs. callback(step, row) runs after every update with the
-    logged values (step = updates applied). Returns the trained model in eval mode on the
+    logged values (step = updates applied); an exception it raises stops the run, and a
+    re-run resumes from the last checkpoint. pair_cache: a dict the
+    caller keeps across runs (e.g. the stages of a chain) to generate each synthetic pair
+    once; it holds every pair generated (raw, before normalisation), so it grows by two
+    phantom-sized float32 volumes per seed. Returns the trained model in eval mode on the
     training device; it is also saved as ``out_dir/model.pt``.
     """
     c = config
@@ -707,7 +740,7 @@ def train(
         _make_flip_symmetric(model)
     model.to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=c.lr, betas=c.betas, eps=c.adam_eps)
-    volumes = _Volumes(c)
+    volumes = _Volumes(c, pair_cache)
     stream = _Stream(c, volumes)
 
     step = 0

@@ -51,7 +51,9 @@ def stage4b_fine_tune(init: str | Path, steps: int, **overrides) -> TrainConfig:
     return TrainConfig(**settings)
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line: OUT_DIR and the options (``scripts/train_chain.py`` reads its plans'
+    stages with it)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out_dir")
     ap.add_argument("--steps", type=int, default=10_000)
@@ -99,7 +101,12 @@ def main() -> None:
     ap.add_argument("--val-every", type=int, default=500)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--device", default=None)
-    args = ap.parse_args()
+    return ap
+
+
+def config(ap: argparse.ArgumentParser, args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of parsed ``args`` (``ap.error`` on a bad combination); sets torch's
+    CPU threads when ``--threads`` is given."""
     seeds = range(args.data_seed, args.data_seed + args.volumes)
     if args.data_seed < 0 or (seeds.start < EVALUATION_SEEDS.stop and EVALUATION_SEEDS.start < seeds.stop):
         ap.error(f"--data-seed {args.data_seed} with --volumes {args.volumes}: seeds must be >= 0 and "
@@ -110,20 +117,23 @@ def main() -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     psf = model_psf()
-    config = TrainConfig(psf=psf, steps=args.steps, crop=(args.crop,) * 3, n_volumes=args.volumes,
-                         data_seed=args.data_seed,
-                         cache_volumes=args.volumes, recipe=args.recipe,
-                         microscopy_every=(TrainConfig.microscopy_every if args.microscopy_every is None
-                                           else args.microscopy_every),
-                         norm_scope=args.norm_scope,
-                         norm_percentiles=tuple(args.norm_percentiles),
-                         init_model=args.init, width=args.width, lr=args.lr, lr_hold=args.lr_hold,
-                         lr_decay_steps=args.lr_decay_steps, augment=args.augment,
-                         gain_augment=args.gain_augment, gain_weighted=args.gain_weighted,
-                         flip_symmetric=args.flip_symmetric, flip_decay=args.flip_decay,
-                         mse_weight=args.mse_weight, gradients=args.gradients, checkpoint_every=50,
-                         val_every=args.val_every, device=args.device)
-    train(config, args.out_dir, resume=True, progress=True)
+    return TrainConfig(psf=psf, steps=args.steps, crop=(args.crop,) * 3, n_volumes=args.volumes,
+                       data_seed=args.data_seed, cache_volumes=args.volumes, recipe=args.recipe,
+                       microscopy_every=(TrainConfig.microscopy_every if args.microscopy_every is None
+                                         else args.microscopy_every),
+                       norm_scope=args.norm_scope, norm_percentiles=tuple(args.norm_percentiles),
+                       init_model=args.init, width=args.width, lr=args.lr, lr_hold=args.lr_hold,
+                       lr_decay_steps=args.lr_decay_steps, augment=args.augment,
+                       gain_augment=args.gain_augment, gain_weighted=args.gain_weighted,
+                       flip_symmetric=args.flip_symmetric, flip_decay=args.flip_decay,
+                       mse_weight=args.mse_weight, gradients=args.gradients, checkpoint_every=50,
+                       val_every=args.val_every, device=args.device)
+
+
+def main() -> None:
+    ap = parser()
+    args = ap.parse_args()
+    train(config(ap, args), args.out_dir, resume=True, progress=True)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ _SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "evaluate_default_mo
 def _load_script(path: Path):
     spec = importlib.util.spec_from_file_location(path.stem, path)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
 

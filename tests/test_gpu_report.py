@@ -126,3 +126,28 @@ def test_gpu_check_smoke_mode(tmp_path):
                        cwd=ROOT, timeout=900)
     assert r.returncode != 0 and "failed: tests" in r.stdout
     assert (tmp_path / "bad" / "gpu_report.json").is_file()
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_gpu_check_train_mode_smoke_runs_every_stage_of_the_shipped_plan(tmp_path):
+    import tarfile
+
+    from rln_fast.models.rln import RLN
+
+    env = _env()
+    env["OUT"] = str(tmp_path / "out")
+    env["PYTHON"] = sys.executable
+    env["CHAIN_DIR"] = str(tmp_path / "chain")
+    plan = ROOT / "scripts" / "chains" / "every4.txt"
+    r = subprocess.run(["bash", str(CHECK), "--smoke", "--train", str(plan)], capture_output=True, text=True,
+                       env=env, cwd=ROOT, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    names = [line.split(":")[0] for line in plan.read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    with tarfile.open(tmp_path / "out" / "chain.tar.gz") as tar:
+        packed = set(tar.getnames())
+    assert {f"{n}/model.pt" for n in names} <= packed
+    assert RLN.load(tmp_path / "chain" / names[-1] / "model.pt").metadata["steps"] == 2
+    r = subprocess.run(["bash", str(CHECK), "--train", str(tmp_path / "nope.txt")], capture_output=True,
+                       text=True, env=env, cwd=ROOT, timeout=60)
+    assert r.returncode == 2 and "no plan file" in r.stderr

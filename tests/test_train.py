@@ -181,6 +181,41 @@ def test_the_mixed_recipes_share_reaches_the_training_data(tmp_path, monkeypatch
     assert asked and all(a[1:] == ("mixed", 3) for a in asked)
 
 
+def test_a_shared_pair_cache_generates_each_pair_once_and_changes_nothing(tmp_path, monkeypatch):
+    calls = []
+    real = synth.phantom_pair
+    monkeypatch.setattr(synth, "phantom_pair", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    # Two chained runs: mixed one in 2, then one in 3 at other percentiles, both per volume.
+    first = _tiny(steps=3, n_volumes=3, recipe="mixed", norm_scope="volume")
+    second = _tiny(steps=3, n_volumes=3, recipe="mixed", microscopy_every=3, norm_scope="volume",
+                   norm_percentiles=(0.01, 99.99))
+    cache: dict = {}
+    shared = [train(c, tmp_path / f"shared{i}", progress=False, pair_cache=cache)
+              for i, c in enumerate((first, second))]
+    # Seeds 0-2 (one epoch each) and validation seed 1,000,000 (official in both): seed 1 is
+    # microscopy in the first run only and seed 2 in the second only, so they are generated
+    # twice; seeds 0 and 1,000,000 once.
+    assert sorted(calls) == [0, 1, 1, 2, 2, 1_000_000]
+    assert all(not a.flags.writeable for pair in cache.values() for a in pair)
+    calls.clear()
+    alone = [train(c, tmp_path / f"alone{i}", progress=False) for i, c in enumerate((first, second))]
+    assert len(calls) == 8  # 4 per run
+    for i, (a, b) in enumerate(zip(shared, alone, strict=True)):
+        assert _rows(tmp_path / f"shared{i}" / LOSS_CSV) == _rows(tmp_path / f"alone{i}" / LOSS_CSV)
+        for k, v in a.state_dict().items():
+            torch.testing.assert_close(b.state_dict()[k], v, rtol=0, atol=0)
+
+
+def test_pair_kind_names_the_generator_phantom_pair_uses():
+    assert [synth.pair_kind(s, "mixed", 4) for s in range(4)] == ["official"] * 3 + ["microscopy"]
+    assert [synth.pair_kind(s, "mixed_sparse") for s in range(3)] == ["official", "microscopy", "sparse"]
+    assert synth.pair_kind(3, "official", 4) == "official" and synth.pair_kind(0, "microscopy") == "microscopy"
+    with pytest.raises(ValueError, match="recipe"):
+        synth.pair_kind(0, "confocal")
+    with pytest.raises(ValueError, match="seed"):
+        synth.pair_kind(-1, "mixed")
+
+
 def test_loss_decreases(tmp_path):
     c = _tiny(steps=16, n_volumes=1, n_val=0, checkpoint_every=100)
     model = train(c, tmp_path, progress=False)

@@ -25,7 +25,7 @@ import itertools
 import json
 
 from rln_fast.models.rln import RLN
-from rln_fast.train import flip_symmetrize
+from rln_fast.train import flip_symmetrize, toward_flip_mean
 
 
 def main() -> None:
@@ -51,9 +51,7 @@ def main() -> None:
         if not 0.0 <= beta <= 1.0:
             ap.error(f"BETA must be in [0, 1], got {beta}")
         out = RLN.load(path)
-        state = {k: (1 - beta) * v + beta * flip_symmetrize(v) if v.dim() == 5 else v
-                 for k, v in out.state_dict().items()}
-        out.load_state_dict(state)
+        toward_flip_mean(out, beta)
         meta = dict(out.metadata)
         meta["toward_flip_average"] = beta
         if isinstance(meta.get("stages"), str):
