@@ -46,7 +46,7 @@ from rln_fast.models.rln import RLN, _check_width
 
 __all__ = [
     "TrainConfig", "train", "learning_rate", "global_ssim", "rln_loss", "normalize_crop", "default_psf",
-    "toward_flip_mean", "CHECKPOINT_NAME", "MODEL_NAME", "LOSS_CSV", "VAL_CSV",
+    "toward_flip_mean", "generate_pairs", "CHECKPOINT_NAME", "MODEL_NAME", "LOSS_CSV", "VAL_CSV",
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -464,22 +464,23 @@ class _Volumes:
             gt = np.maximum(normalize_crop(gt, self.c.norm_percentiles), 0.0)
         return gt, inp, mean
 
-    def _generate(self, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    def pair_key(self, seed: int) -> tuple:
+        """The key of seed's generated pair in a shared cache: the same seed, shape, PSF and
+        generator give the same pair whatever the recipe."""
         from rln_fast import synth
 
         psf = self.psf()
+        return (hashlib.sha1(psf.tobytes()).hexdigest(), psf.shape, self.c.phantom_shape, seed,
+                synth.pair_kind(seed, self.c.recipe, self.c.microscopy_every))
+
+    def _generate(self, seed: int) -> tuple[np.ndarray, np.ndarray]:
         if self._pairs is None:
-            return synth.phantom_pair(psf, self.c.phantom_shape, seed, recipe=self.c.recipe,
-                                      microscopy_every=self.c.microscopy_every)
-        # The same seed, shape, PSF and generator give the same pair whatever the recipe.
-        key = (hashlib.sha1(psf.tobytes()).hexdigest(), psf.shape, self.c.phantom_shape, seed,
-               synth.pair_kind(seed, self.c.recipe, self.c.microscopy_every))
+            return _generate_pair((self.psf(), self.c.phantom_shape, seed, self.c.recipe,
+                                   self.c.microscopy_every, None))
+        key = self.pair_key(seed)
         if key not in self._pairs:
-            pair = synth.phantom_pair(psf, self.c.phantom_shape, seed, recipe=self.c.recipe,
-                                      microscopy_every=self.c.microscopy_every)
-            for a in pair:
-                a.setflags(write=False)  # shared: normalising makes new arrays
-            self._pairs[key] = pair
+            self._pairs[key] = _shared(_generate_pair((self.psf(), self.c.phantom_shape, seed, self.c.recipe,
+                                                       self.c.microscopy_every, None)))
         return self._pairs[key]
 
     def get(self, key: tuple[str, Any]) -> tuple[np.ndarray, np.ndarray, float]:
@@ -491,6 +492,63 @@ class _Volumes:
         while len(self._cache) > self.c.cache_volumes:
             self._cache.popitem(last=False)
         return item
+
+
+def _generate_pair(job: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """synth.phantom_pair(psf, shape, seed, recipe=..., microscopy_every=...); ``threads``
+    (the job's last item), when set, is the process's torch threads (a worker of
+    generate_pairs)."""
+    from rln_fast import synth
+
+    psf, shape, seed, recipe, every, threads = job
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return synth.phantom_pair(psf, shape, seed, recipe=recipe, microscopy_every=every)
+
+
+def _shared(pair: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    for a in pair:
+        a.setflags(write=False)  # shared between runs: normalising makes new arrays
+    return pair
+
+
+def generate_pairs(configs: Sequence[TrainConfig], pair_cache: MutableMapping[tuple, tuple[np.ndarray, np.ndarray]],
+                   workers: int | None = None, progress: bool = False) -> int:
+    """Generate, in ``workers`` processes (default: one per CPU core, one torch thread each),
+    every synthetic pair that ``train(config, ..., pair_cache=pair_cache)`` would generate for
+    each of ``configs`` (training and validation seeds), and store them in ``pair_cache``.
+    The pairs are the ones ``train`` would make itself, one by one on first use. Returns how
+    many were generated (pairs already in the cache are kept)."""
+    import concurrent.futures
+    import multiprocessing
+
+    jobs: dict[tuple, tuple] = {}
+    for c in configs:
+        if c.data_dir is not None:
+            continue
+        volumes = _Volumes(c, pair_cache)
+        for _, seed in volumes.train + volumes.val:
+            key = volumes.pair_key(seed)
+            if key not in pair_cache and key not in jobs:
+                jobs[key] = (volumes.psf(), c.phantom_shape, seed, c.recipe, c.microscopy_every, 1)
+    if not jobs:
+        return 0
+    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(jobs), desc="training volumes", unit="volume")
+    # spawn, not fork: a forked child of a process that has run torch's thread pools can hang.
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_generate_pair, job): key for key, job in jobs.items()}
+        for f in concurrent.futures.as_completed(futures):
+            pair_cache[futures[f]] = _shared(f.result())
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    return len(jobs)
 
 
 class _Stream:

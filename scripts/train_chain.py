@@ -1,7 +1,7 @@
 """Runs a plan of RLN training stages in one process: the model card's chains, on a GPU or the CPU.
 
 Usage: python scripts/train_chain.py PLAN OUT_DIR [--only NAME,...] [--device cpu|cuda] [--threads N]
-       [--checkpoint-every N] [--deadline-s S] [--pack FILE.tar.gz] [--smoke]
+       [--workers N] [--checkpoint-every N] [--deadline-s S] [--pack FILE.tar.gz] [--smoke]
 
 PLAN is a text file, one stage per line ("#" starts a comment):
 
@@ -11,7 +11,9 @@ PLAN is a text file, one stage per line ("#" starts a comment):
 In OPTIONS and MODEL, {OTHER} is the model of the plan's stage OTHER (OUT_DIR/OTHER/model.pt);
 other paths are as given (run from the repository root: the models record them). Each stage writes OUT_DIR/NAME/ (model.pt, and for a training stage its
 checkpoint and logs). Stages run in the plan's order and share the generated training volumes
-(train's pair_cache), so a chain of stages on the same data generates each volume once.
+(train's pair_cache), so a chain of stages on the same data generates each volume once; before
+the first stage, --workers processes generate them all (on one H200 machine's 16 cores, one at a
+time on first use took about 75 s of the first stage's 120).
 
 Re-running resumes: a finished stage is kept, a training stage continues from its checkpoint.
 --deadline-s stops at the first checkpoint after S seconds (exit 3; re-run to go on). --pack
@@ -40,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_default_model  # noqa: E402 - the stage command line
 
 from rln_fast.models.rln import RLN  # noqa: E402
-from rln_fast.train import LOSS_CSV, MODEL_NAME, VAL_CSV, toward_flip_mean, train  # noqa: E402
+from rln_fast.train import LOSS_CSV, MODEL_NAME, VAL_CSV, generate_pairs, toward_flip_mean, train  # noqa: E402
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _REF = re.compile(r"\{([^{}]*)\}")
@@ -133,6 +135,33 @@ def _pack(out: Path, stages: list[Stage], archive: Path) -> None:
     tmp.replace(archive)
 
 
+def _parse(stage: Stage, folder: Path, out: Path, args: argparse.Namespace):
+    words = [_resolve(w, out) for w in stage.args]
+    if args.smoke:
+        for flag, value in SMOKE.items():
+            words += [flag, value]
+    ap = train_default_model.parser()
+    ns = ap.parse_args([str(folder), *words])
+    if args.device is not None:
+        ns.device = args.device
+    if args.threads is not None:
+        ns.threads = args.threads
+    return ap, ns
+
+
+def pregenerate(run: list[Stage], out: Path, args: argparse.Namespace, cache: dict) -> int:
+    """Every training volume the unfinished training stages of ``run`` use, generated in
+    args.workers processes into ``cache`` (their start models may not exist yet: the data do
+    not depend on them)."""
+    configs = []
+    for s in run:
+        if s.kind == "train" and not (out / s.name / "done.json").is_file():
+            ap, ns = _parse(s, out / s.name, out, args)
+            ns.init, ns.width = None, None
+            configs.append(train_default_model.config(ap, ns))
+    return generate_pairs(configs, cache, workers=args.workers)
+
+
 def run_stage(stage: Stage, stages: list[Stage], out: Path, args: argparse.Namespace, cache: dict,
               deadline: float | None) -> dict:
     folder = out / stage.name
@@ -150,16 +179,7 @@ def run_stage(stage: Stage, stages: list[Stage], out: Path, args: argparse.Names
         model.save(folder / MODEL_NAME)
         summary = {"stage": stage.name, "seconds": round(time.time() - t0, 2)}
     else:
-        words = [_resolve(w, out) for w in stage.args]
-        if args.smoke:
-            for flag, value in SMOKE.items():
-                words += [flag, value]
-        ap = train_default_model.parser()
-        ns = ap.parse_args([str(folder), *words])
-        if args.device is not None:
-            ns.device = args.device
-        if args.threads is not None:
-            ns.threads = args.threads
+        ap, ns = _parse(stage, folder, out, args)
         config = train_default_model.config(ap, ns)
         config.checkpoint_every = args.checkpoint_every
         every = max(1, config.steps // 10)
@@ -194,10 +214,15 @@ def main() -> None:
     ap.add_argument("--deadline-s", type=float, default=None,
                     help="stop at the first checkpoint after this many seconds (exit 3; re-run resumes)")
     ap.add_argument("--pack", default=None, help="an archive of the models and logs, rewritten after each stage")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="processes that generate every stage's training volumes before the first "
+                         "stage (default: one per CPU core; 0: each volume on first use instead)")
     ap.add_argument("--smoke", action="store_true", help="2 steps of every training stage on 2 volumes, 16³ crops")
     args = ap.parse_args()
     if args.checkpoint_every < 1:
         ap.error(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
+    if args.workers is not None and args.workers < 0:
+        ap.error(f"--workers must be >= 0, got {args.workers}")
     try:
         stages = read_plan(args.plan)
     except (OSError, ValueError) as e:
@@ -221,6 +246,10 @@ def main() -> None:
     cache: dict = {}
     print(f"{len(run)} stages to {out} (torch {torch.__version__}, "
           f"{'cuda: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda'})", flush=True)
+    if args.workers != 0:
+        t0 = time.time()
+        n = pregenerate(run, out, args, cache)
+        print(f"{n} training volumes generated in {time.time() - t0:.0f} s", flush=True)
     for stage in run:
         if deadline is not None and time.time() > deadline:
             print(f"deadline: stopped before {stage.name}; re-run the same command to go on", flush=True)

@@ -206,6 +206,26 @@ def test_a_shared_pair_cache_generates_each_pair_once_and_changes_nothing(tmp_pa
             torch.testing.assert_close(b.state_dict()[k], v, rtol=0, atol=0)
 
 
+def test_pairs_generated_in_worker_processes_are_the_ones_train_makes(tmp_path, monkeypatch):
+    from rln_fast.train import generate_pairs
+
+    configs = [_tiny(steps=3, n_volumes=3, recipe="mixed"), _tiny(steps=3, n_volumes=3, recipe="mixed",
+                                                                   microscopy_every=3)]
+    cache: dict = {}
+    # seeds 0-2 and validation seed 1,000,000, of which seeds 1 and 2 change kind: 6 pairs
+    assert generate_pairs(configs, cache, workers=2) == 6 and len(cache) == 6
+    assert generate_pairs(configs, cache, workers=2) == 0  # all there
+    calls = []
+    real = synth.phantom_pair
+    monkeypatch.setattr(synth, "phantom_pair", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    pre = train(configs[1], tmp_path / "pre", progress=False, pair_cache=cache)
+    assert calls == []  # nothing left to generate
+    alone = train(configs[1], tmp_path / "alone", progress=False)
+    assert _rows(tmp_path / "pre" / LOSS_CSV) == _rows(tmp_path / "alone" / LOSS_CSV)
+    for k, v in pre.state_dict().items():
+        torch.testing.assert_close(alone.state_dict()[k], v, rtol=0, atol=0)
+
+
 def test_pair_kind_names_the_generator_phantom_pair_uses():
     assert [synth.pair_kind(s, "mixed", 4) for s in range(4)] == ["official"] * 3 + ["microscopy"]
     assert [synth.pair_kind(s, "mixed_sparse") for s in range(3)] == ["official", "microscopy", "sparse"]

@@ -70,6 +70,8 @@ def test_a_chain_trains_edits_resumes_and_packs(tmp_path, chain):
     r = _run(tmp_path, plan, "out", "--only", "T3", "--pack", str(tmp_path / "p.tar.gz"))  # cwd tmp_path
     assert r.returncode == 0, r.stderr[-3000:]
     assert not (out / "X").exists()  # --only: T3 and what it needs
+    # generated up front, once for both stages: seeds 0, 1 and validation 1,000,000-1,000,001
+    assert "4 training volumes generated" in r.stdout
     t1, f2, t3 = (RLN.load(out / n / "model.pt") for n in ("T1", "F2", "T3"))
     expected = RLN.load(out / "T1" / "model.pt")
     toward_flip_mean(expected, 0.25)
