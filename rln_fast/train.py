@@ -716,8 +716,8 @@ def _validate(model: RLN, volumes: _Volumes, c: TrainConfig, device: torch.devic
                 if c.norm_scope == "crop":
                     inp = normalize_crop(inp, c.norm_percentiles)
                     gt = np.maximum(normalize_crop(gt, c.norm_percentiles), 0.0)
-                x = torch.from_numpy(inp).to(device)
-                g = torch.from_numpy(gt).to(device)
+                x = torch.tensor(inp, device=device)  # a copy: cached volumes are read-only
+                g = torch.tensor(gt, device=device)
                 y = model(x[None, None])[0, 0]
                 mse = float(((y - g) ** 2).mean())
                 rng = float(g.max() - g.min())
