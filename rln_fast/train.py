@@ -382,6 +382,7 @@ class _Volumes:
         self.c = c
         self._cache: OrderedDict[tuple[str, int], tuple[np.ndarray, np.ndarray, float]] = OrderedDict()
         self._psf: np.ndarray | None = None
+        self._psf_digest: str | None = None
         self._pairs = pairs  # generated (gt, raw) pairs shared with other runs (train's pair_cache)
         if c.data_dir is not None:
             root = Path(c.data_dir)
@@ -480,18 +481,21 @@ class _Volumes:
         generator give the same pair whatever the recipe."""
         from rln_fast import synth
 
-        psf = self.psf()
-        return (hashlib.sha1(psf.tobytes()).hexdigest(), psf.shape, self.c.phantom_shape, seed,
+        if self._psf_digest is None:
+            self._psf_digest = hashlib.sha1(self.psf().tobytes()).hexdigest()
+        return (self._psf_digest, self.psf().shape, self.c.phantom_shape, seed,
                 synth.pair_kind(seed, self.c.recipe, self.c.microscopy_every))
+
+    def job(self, seed: int, threads: int | None = None) -> tuple:
+        """The arguments of ``_generate_pair`` for seed's pair."""
+        return (self.psf(), self.c.phantom_shape, seed, self.c.recipe, self.c.microscopy_every, threads)
 
     def _generate(self, seed: int) -> tuple[np.ndarray, np.ndarray]:
         if self._pairs is None:
-            return _generate_pair((self.psf(), self.c.phantom_shape, seed, self.c.recipe,
-                                   self.c.microscopy_every, None))
+            return _generate_pair(self.job(seed))
         key = self.pair_key(seed)
         if key not in self._pairs:
-            self._pairs[key] = _shared(_generate_pair((self.psf(), self.c.phantom_shape, seed, self.c.recipe,
-                                                       self.c.microscopy_every, None)))
+            self._pairs[key] = _shared(_generate_pair(self.job(seed)))
         return self._pairs[key]
 
     def get(self, key: tuple[str, Any]) -> tuple[np.ndarray, np.ndarray, float]:
@@ -541,7 +545,7 @@ def generate_pairs(configs: Sequence[TrainConfig], pair_cache: MutableMapping[tu
         for _, seed in volumes.train + volumes.val:
             key = volumes.pair_key(seed)
             if key not in pair_cache and key not in jobs:
-                jobs[key] = (volumes.psf(), c.phantom_shape, seed, c.recipe, c.microscopy_every, 1)
+                jobs[key] = volumes.job(seed, threads=1)
     if not jobs:
         return 0
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
