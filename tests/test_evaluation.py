@@ -243,3 +243,62 @@ def test_the_default_models_stages_name_the_kept_files():
     for entry in stages[:-1]:
         path = entry.split(" ", 2)[1]
         assert (root / path).is_file(), entry
+
+
+def _evaluation(rln_psnr: dict, rl_psnr: float = 30.0, ssim: float = 0.9) -> dict:
+    rows = [{"volume": v, "rln": {"psnr": p, "ssim": ssim}, "rl_best_psnr": {"psnr": rl_psnr, "ssim": 0.8},
+             "rl_best_ssim": {"psnr": rl_psnr - 0.1, "ssim": 0.85}} for v, p in rln_psnr.items()]
+    phantom = {"rln": {"psnr": 31.0, "ssim": 0.9}, "rl_best_psnr": {"psnr": 30.0, "ssim": 0.8},
+               "rl_best_ssim": {"psnr": 30.0, "ssim": 0.8}}
+    return {"semi_synthetic": {"rows": rows}, "phantoms": {"rows": [phantom]},
+            "dapi": {"targets": {"bg_mean_le_input": True}}}
+
+
+def test_the_tradeoff_diagnostic_scores_each_model_against_its_own_rl(tmp_path, capsys, monkeypatch):
+    import json
+
+    script = _load_script(_SCRIPT.parent / "diagnostics" / "tradeoff.py")
+    volumes = ("dapi_nucleus", "dapi_nucleus_dim", "flowdec_bars", "flowdec_beads")
+    losing = _evaluation(dict(zip(volumes, (31.0, 29.5, 28.0, 30.5), strict=True)))
+    m = script.margins(losing)
+    assert m["flowdec_bars"]["psnr"] == pytest.approx(-2.0) and m["worst_nucleus_psnr"] == pytest.approx(-0.5)
+    assert m["flowdec_bars"]["ssim"] == pytest.approx(0.05)  # against RL's best-SSIM count
+    assert m["phantoms_all_above"] and not m["semi_synthetic_all_above"]
+    winning = _evaluation(dict.fromkeys(volumes, 30.0))
+    assert script.margins(winning)["semi_synthetic_all_above"]  # a tie counts as met
+    assert not script.margins(_evaluation(dict.fromkeys(volumes, 30.0), ssim=0.84))["semi_synthetic_all_above"]
+    assert script.margins(_evaluation({"flowdec_bars": 40.0})) is None
+    paths = []
+    for name, d in (("a_evaluation.json", losing), ("b_evaluation.json", winning),
+                    ("short_evaluation.json", _evaluation({"flowdec_bars": 40.0}))):
+        paths.append(tmp_path / name)
+        paths[-1].write_text(json.dumps(d))
+    monkeypatch.setattr("sys.argv", ["tradeoff.py", str(tmp_path / "out"), *map(str, paths)])
+    script.main()
+    written = json.loads((tmp_path / "out" / "tradeoff.json").read_text())
+    assert written["summary"]["semi_synthetic_target_met_by"] == ["b"]
+    assert written["summary"]["best_bars_margin"]["model"] == "b"
+    assert written["summary"]["best_bars_with_nuclei_above"]["model"] == "b"
+    assert set(written["models"]) == {"a", "b"} and written["skipped"] == [str(paths[2])]
+    printed = capsys.readouterr().out
+    assert "skipped" in printed
+    assert (tmp_path / "out" / "tradeoff.png").is_file() != ("matplotlib is not installed" in printed)
+
+
+def test_rl_at_one_count_names_the_volumes_rln_beats_at_each_count(ev):
+    def row(volume, rln_psnr, rl_psnr_by_count):
+        return {"volume": volume, "rln": {"psnr": rln_psnr, "ssim": 0.9},
+                "rl_by_iterations": {str(k): {"psnr": p, "ssim": 0.8} for k, p in zip(ev.RL_ITERATIONS, rl_psnr_by_count, strict=True)}}
+
+    n = len(ev.RL_ITERATIONS)
+    rising = [20.0 + i for i in range(n)]  # RL improves with every count, as on the bars
+    rows = [row("nucleus", 25.0, [30.0] * n), row("bars", 21.5, rising)]
+    one = ev._one_count(rows)
+    assert set(one) == {str(k) for k in ev.RL_ITERATIONS}
+    first, second, third = (str(k) for k in ev.RL_ITERATIONS[:3])
+    assert one[first]["rln_beats_rl_on"] == one[second]["rln_beats_rl_on"] == ["bars"]
+    assert not one[first]["rln_beats_rl_on_all"] and one[third]["rln_beats_rl_on"] == []
+    rows = [row("nucleus", 31.0, [30.0] * n), row("bars", 21.5, rising)]
+    assert ev._one_count(rows)[first]["rln_beats_rl_on_all"]
+    rows[0]["rl_by_iterations"][first]["ssim"] = 0.95  # RL's SSIM above RLN's there
+    assert ev._one_count(rows)[first]["rln_beats_rl_on"] == ["bars"]
