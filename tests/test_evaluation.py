@@ -302,3 +302,16 @@ def test_rl_at_one_count_names_the_volumes_rln_beats_at_each_count(ev):
     assert ev._one_count(rows)[first]["rln_beats_rl_on_all"]
     rows[0]["rl_by_iterations"][first]["ssim"] = 0.95  # RL's SSIM above RLN's there
     assert ev._one_count(rows)[first]["rln_beats_rl_on"] == ["bars"]
+
+
+def test_the_cropped_psf_diagnostic_keeps_the_centre_and_says_how_much_light(psf):
+    script = _load_script(_SCRIPT.parent / "diagnostics" / "rl_cropped_psf.py")
+    p = psf / psf.sum()
+    box, kept = script.cropped(p, 2)
+    assert box.shape == (5, 5, 5) and box.sum() == pytest.approx(1.0)
+    assert np.unravel_index(box.argmax(), box.shape) == (2, 2, 2)  # still centred
+    assert kept == pytest.approx(p[2:7, 3:8, 3:8].sum()) and 0 < kept < 1
+    whole, all_light = script.cropped(p, 100)  # larger than the PSF: all of it
+    assert whole.shape == p.shape and all_light == pytest.approx(1.0)
+    with pytest.raises(ValueError, match=">= 0"):
+        script.cropped(p, -1)
