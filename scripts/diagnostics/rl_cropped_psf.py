@@ -25,8 +25,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import evaluate_default_model as ev  # noqa: E402
 
-from rln_fast import rl  # noqa: E402
-
 
 def cropped(psf: np.ndarray, half: int) -> tuple[np.ndarray, float]:
     """The PSF's central (2·half+1)³ voxels (fewer where the PSF is smaller), renormalised to
@@ -36,19 +34,6 @@ def cropped(psf: np.ndarray, half: int) -> tuple[np.ndarray, float]:
     centre = [n // 2 for n in psf.shape]
     box = psf[tuple(slice(max(0, c - half), c + half + 1) for c in centre)]
     return box / box.sum(), float(box.sum() / psf.sum())
-
-
-def rl_scores(raw: np.ndarray, gt: np.ndarray, psf: np.ndarray) -> dict[int, dict]:
-    """The evaluation's RL run with ``psf``, scored at its iteration counts."""
-    out = {}
-
-    def score_at(i, estimate):
-        if i in ev.RL_ITERATIONS:
-            out[i] = ev.scores(estimate.cpu().numpy(), gt)
-
-    rl.richardson_lucy(raw, psf, max(ev.RL_ITERATIONS), acceleration=None, edges="periodic",
-                       background=0, progress=False, callback=score_at)
-    return out
 
 
 def main() -> None:
@@ -79,7 +64,7 @@ def main() -> None:
         gt, raw = ev.semi_synthetic_pair(truths[source], psf, peak, bg, haze, seed)
         for half in [None, *halves]:
             p, kept = (psf, 1.0) if half is None else cropped(psf, half)
-            res = rl_scores(raw, gt, p)
+            res, _ = ev._rl_scores(raw, gt, p)  # the evaluation's RL, with this PSF
             best = max(res.items(), key=lambda kv: kv[1]["psnr"])
             row = {"volume": name, "psf_shape": list(p.shape), "light_kept": kept,
                    "best_psnr": {"iterations": best[0], **best[1]},

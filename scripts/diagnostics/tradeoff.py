@@ -73,7 +73,10 @@ def main() -> None:
         if m is None:
             skipped.append(str(p.relative_to(ROOT) if p.is_relative_to(ROOT) else p))
         else:
-            models["default (shipped)" if p.parent.name == "weights" else label(p)] = m
+            name = "default (shipped)" if p.parent.name == "weights" else label(p)
+            if name in models:  # the same file name in another folder
+                name = f"{p.parent.name}/{name}"
+            models[name] = m
     if not models:
         sys.exit("no evaluation JSON with all four semi-synthetic volumes")
     out = Path(args.out_dir)
