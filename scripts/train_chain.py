@@ -104,19 +104,19 @@ def _resolve(word: str, out: Path) -> str:
     return _REF.sub(lambda m: str(out / m.group(1) / MODEL_NAME), word)
 
 
-def _chain(stages: list[Stage], upto: Stage) -> list[str]:
-    """The plan lines that made ``upto``: its line and, recursively, those of the stages it names."""
+def _chain(stages: list[Stage], upto: Stage) -> list[Stage]:
+    """The stages that made ``upto``: those it names, recursively, in plan order of need, then it."""
     by_name = {s.name: s for s in stages}
-    lines: list[str] = []
+    chain: list[Stage] = []
 
     def visit(s: Stage) -> None:
         for ref in _REF.findall(" ".join(s.args)):
             visit(by_name[ref])
-        if s.line not in lines:
-            lines.append(s.line)
+        if s not in chain:
+            chain.append(s)
 
     visit(upto)
-    return lines
+    return chain
 
 
 def _pack(out: Path, stages: list[Stage], archive: Path) -> None:
@@ -170,7 +170,7 @@ def run_stage(stage: Stage, stages: list[Stage], out: Path, args: argparse.Names
         return json.loads(done.read_text())
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    chain = json.dumps(_chain(stages, stage))
+    chain = json.dumps([s.line for s in _chain(stages, stage)])
     if stage.kind == "flip":
         source = _resolve(stage.args[1], out)
         model = RLN.load(source)
@@ -235,7 +235,7 @@ def main() -> None:
         needed: set[str] = set()
         for s in stages:
             if s.name in wanted:
-                needed.update(line.split(":", 1)[0] for line in _chain(stages, s))
+                needed.update(c.name for c in _chain(stages, s))
         run = [s for s in stages if s.name in needed]
     else:
         run = stages
